@@ -1,0 +1,28 @@
+"""The contract: event types, wire messages, subjects and codecs. No I/O."""
+
+from events.codec import decode_event, encode_event
+from events.model import (
+    EVENT_TYPES,
+    WATCH_KIND,
+    AnyEvent,
+    Event,
+    HeartbeatReceived,
+    InputRejected,
+    ServiceDeregistered,
+    ServiceRegistered,
+    partition_key,
+)
+
+__all__ = [
+    "EVENT_TYPES",
+    "WATCH_KIND",
+    "AnyEvent",
+    "Event",
+    "HeartbeatReceived",
+    "InputRejected",
+    "ServiceDeregistered",
+    "ServiceRegistered",
+    "decode_event",
+    "encode_event",
+    "partition_key",
+]

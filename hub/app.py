@@ -1,0 +1,148 @@
+"""Wiring of the hub process: connections, event log, projections, ingest, queries."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import nats
+import redis.asyncio as aioredis
+import structlog
+from nats.aio.client import Client
+
+from handlers import RegistryState, evolve
+from hub.config import HubConfig
+from hub.eventlog.jetstream import JetStreamEventLog
+from hub.eventlog.kafka import KafkaEventLog
+from hub.eventlog.port import EventLog
+from hub.ingest import Ingest
+from hub.metrics import Metrics
+from hub.progress import Progress
+from hub.projector import run_projection
+from hub.queries import QueryService
+from projections.port import Projection
+from projections.postgres import PostgresRegistryProjection
+from projections.redis import RedisRegistryProjection
+
+log = structlog.get_logger(__name__)
+
+
+def make_event_log(config: HubConfig, nc: Client) -> EventLog:
+    if config.event_log == "kafka":
+        return KafkaEventLog(
+            config.kafka_brokers, config.kafka_topic, partitions=config.kafka_partitions
+        )
+    return JetStreamEventLog(nc)
+
+
+async def connect_postgres(config: HubConfig, *, timeout: float = 30.0) -> asyncpg.Pool:
+    """A pool to the configured database, waiting for the server to accept connections."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                config.postgres_dsn, min_size=1, max_size=8
+            )
+            return pool
+        except (OSError, asyncpg.CannotConnectNowError) as exc:
+            if time.monotonic() > deadline:
+                raise
+            log.info("postgres_not_ready", error=repr(exc))
+            await asyncio.sleep(0.5)
+
+
+async def rebuild_state(event_log: EventLog) -> tuple[RegistryState, dict[int, int]]:
+    """Fold the whole log into the hub's state; returns it with the log's end."""
+    end = await event_log.end_positions()
+    state = RegistryState()
+    count = 0
+    async for records in event_log.read(None, follow=False):
+        for r in records:
+            evolve(state, r.event)
+        count += len(records)
+    log.info("state_rebuilt", events=count, watermark=state.last_ingress_seq)
+    return state, end
+
+
+class Hub:
+    """The coordinator process."""
+
+    def __init__(self, config: HubConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        self.metrics = Metrics()
+        self.progress = Progress()
+        self.nc: Client | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.redis: aioredis.Redis | None = None
+        self.event_log: EventLog | None = None
+        self.ingest: Ingest | None = None
+        self.queries: QueryService | None = None
+        self.projections: list[Projection] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stop = asyncio.Event()
+
+    async def start(self) -> None:
+        c = self.config
+        self.nc = await nats.connect(
+            servers=list(c.nats_urls), name="central-hub", max_reconnect_attempts=-1
+        )
+        self.pool = await connect_postgres(c)
+        self.redis = aioredis.Redis(
+            host=c.redis_host, port=c.redis_port, password=c.redis_password or None,
+            db=c.redis_db, decode_responses=True,
+        )  # fmt: skip
+        await self.redis.ping()
+        self.event_log = make_event_log(c, self.nc)
+        await self.event_log.start()
+        self.projections = [
+            PostgresRegistryProjection(self.pool),
+            RedisRegistryProjection(self.redis),
+        ]
+        for p in self.projections:
+            await p.setup()
+        state, end = await rebuild_state(self.event_log)
+        await self.progress.appended(state.last_ingress_seq, end)
+        self.ingest = Ingest(self.nc, self.event_log, state, c, metrics=self.metrics,
+                             progress=self.progress, clock=self.clock)  # fmt: skip
+        await self.ingest.setup()
+        for p in self.projections:
+            self._spawn(run_projection(self.event_log, p, progress=self.progress,
+                                       metrics=self.metrics), f"projection:{p.name}")  # fmt: skip
+        self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
+        await self.queries.start(self.nc)
+        self._spawn(self.ingest.run(self._stop), "ingest")
+        log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls))
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("hub_task_died", task=task.get_name(), error=repr(task.exception()))
+            self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self.queries is not None:
+            await self.queries.stop()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.event_log is not None:
+            await self.event_log.close()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.pool is not None:
+            await self.pool.close()
+        log.info("hub_stopped")

@@ -1,0 +1,142 @@
+"""Twelve-factor configuration: the seed's environment variables plus the hub's own.
+
+Every variable the hub reads is listed in ``ENV_VARS`` so that deployment files
+(``compose/``) can be checked against it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from events.names import TENANT_PATTERN
+
+# Every environment variable the hub reads, and what it means.
+ENV_VARS: dict[str, str] = {
+    "POSTGRES_HOST": "PostgreSQL host",
+    "POSTGRES_PORT": "PostgreSQL port",
+    "POSTGRES_DB": "PostgreSQL database",
+    "POSTGRES_USER": "PostgreSQL user",
+    "POSTGRES_PASSWORD": "PostgreSQL password (may be empty)",
+    "DRAGONFLY_HOST": "DragonflyDB / Redis-protocol server host",
+    "DRAGONFLY_PORT": "DragonflyDB / Redis-protocol server port",
+    "DRAGONFLY_PASSWORD": "DragonflyDB password (may be empty)",
+    "NATS_URL": "NATS servers, comma separated",
+    "KAFKA_BROKERS": "Kafka bootstrap servers, comma separated",
+    "HUB_EVENT_LOG": "event log adapter: 'kafka' or 'jetstream'",
+    "HUB_KAFKA_TOPIC": "Kafka topic of the event log",
+    "HUB_TENANTS": "comma separated allow-list of tenants; empty = any valid tenant name",
+    "HUB_LOG_FORMAT": "'json' or 'console'",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """Everything the hub process needs to know about its surroundings."""
+
+    nats_urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    postgres_host: str = "127.0.0.1"
+    postgres_port: int = 5432
+    postgres_db: str = "central_hub"
+    postgres_user: str = "postgres"
+    postgres_password: str = ""
+    redis_host: str = "127.0.0.1"
+    redis_port: int = 6379
+    redis_password: str = ""
+    redis_db: int = 0
+    event_log: str = "jetstream"
+    kafka_brokers: tuple[str, ...] = ("127.0.0.1:9092",)
+    kafka_topic: str = "hub.events"
+    kafka_partitions: int = 6
+    tenants: frozenset[str] = field(default_factory=frozenset)
+    log_format: str = "console"
+    # Ingress limits.
+    max_message_bytes: int = 64 * 1024
+    max_metadata_bytes: int = 8 * 1024
+    ingest_batch: int = 256
+    # Read-your-writes: how long a query with min_seq may wait.
+    min_seq_wait_s: float = 5.0
+
+    @property
+    def postgres_dsn(self) -> str:
+        auth = self.postgres_user
+        if self.postgres_password:
+            auth += ":" + self.postgres_password
+        return f"postgresql://{auth}@{self.postgres_host}:{self.postgres_port}/{self.postgres_db}"
+
+    def tenant_allowed(self, tenant: str) -> bool:
+        return not self.tenants or tenant in self.tenants
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> HubConfig:
+        """Read the configuration from environment variables (``os.environ`` by default)."""
+        env = os.environ if env is None else env
+        d = cls()
+
+        def get(name: str, default: str) -> str:
+            value = env.get(name, "").strip()
+            return value or default
+
+        def port(name: str, default: int) -> int:
+            raw = get(name, str(default))
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r}: not an integer port") from None
+            if not 0 < value < 65536:
+                raise ConfigError(f"{name}={raw!r}: port out of range 1..65535")
+            return value
+
+        event_log = get("HUB_EVENT_LOG", d.event_log).lower()
+        if event_log not in ("kafka", "jetstream"):
+            raise ConfigError(f"HUB_EVENT_LOG={event_log!r}: expected 'kafka' or 'jetstream'")
+        log_format = get("HUB_LOG_FORMAT", d.log_format).lower()
+        if log_format not in ("json", "console"):
+            raise ConfigError(f"HUB_LOG_FORMAT={log_format!r}: expected 'json' or 'console'")
+        tenants = frozenset(t.strip() for t in env.get("HUB_TENANTS", "").split(",") if t.strip())
+        for tenant in tenants:
+            if not re.fullmatch(TENANT_PATTERN, tenant):
+                raise ConfigError(f"HUB_TENANTS: {tenant!r} is not a valid tenant name")
+        return cls(
+            nats_urls=tuple(u.strip() for u in get("NATS_URL", ",".join(d.nats_urls)).split(",")),
+            postgres_host=get("POSTGRES_HOST", d.postgres_host),
+            postgres_port=port("POSTGRES_PORT", d.postgres_port),
+            postgres_db=get("POSTGRES_DB", d.postgres_db),
+            postgres_user=get("POSTGRES_USER", d.postgres_user),
+            postgres_password=env.get("POSTGRES_PASSWORD", ""),
+            redis_host=get("DRAGONFLY_HOST", d.redis_host),
+            redis_port=port("DRAGONFLY_PORT", d.redis_port),
+            redis_password=env.get("DRAGONFLY_PASSWORD", ""),
+            event_log=event_log,
+            kafka_brokers=tuple(
+                b.strip() for b in get("KAFKA_BROKERS", ",".join(d.kafka_brokers)).split(",")
+            ),
+            kafka_topic=get("HUB_KAFKA_TOPIC", d.kafka_topic),
+            tenants=tenants,
+            log_format=log_format,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes ``from_env`` return this configuration."""
+        return {
+            "NATS_URL": ",".join(self.nats_urls),
+            "POSTGRES_HOST": self.postgres_host,
+            "POSTGRES_PORT": str(self.postgres_port),
+            "POSTGRES_DB": self.postgres_db,
+            "POSTGRES_USER": self.postgres_user,
+            "POSTGRES_PASSWORD": self.postgres_password,
+            "DRAGONFLY_HOST": self.redis_host,
+            "DRAGONFLY_PORT": str(self.redis_port),
+            "DRAGONFLY_PASSWORD": self.redis_password,
+            "HUB_EVENT_LOG": self.event_log,
+            "KAFKA_BROKERS": ",".join(self.kafka_brokers),
+            "HUB_KAFKA_TOPIC": self.kafka_topic,
+            "HUB_TENANTS": ",".join(sorted(self.tenants)),
+            "HUB_LOG_FORMAT": self.log_format,
+        }

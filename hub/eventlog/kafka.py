@@ -1,0 +1,168 @@
+"""The Kafka event log: one topic keyed by tenant/service/instance, transactional appends.
+
+Appends go through a transactional (hence idempotent) producer: a batch of
+events is one transaction, so after a crash readers (``read_committed``) see a
+whole batch or none of it. A restarted hub with the same ``transactional_id``
+fences off its zombie predecessor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import TopicAlreadyExistsError
+
+from events.codec import decode_event, encode_event
+from events.log import LogRecord, Positions
+from events.model import Event, partition_key
+
+log = structlog.get_logger(__name__)
+
+
+class KafkaEventLog:
+    """Events on a Kafka topic; partition = hash(tenant/service/instance)."""
+
+    name = "kafka"
+
+    def __init__(
+        self,
+        brokers: Sequence[str],
+        topic: str,
+        *,
+        partitions: int = 6,
+        transactional_id: str | None = None,
+    ) -> None:
+        self._brokers = ",".join(brokers)
+        self.topic = topic
+        self._partitions = partitions
+        self._transactional_id = transactional_id or f"central-hub.{topic}"
+        self._producer: AIOKafkaProducer | None = None
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        await self._ensure_topic()
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._brokers,
+            transactional_id=self._transactional_id,
+            enable_idempotence=True,
+            acks="all",
+            linger_ms=2,
+            max_batch_size=1024 * 1024,
+            compression_type=None,
+        )
+        await self._producer.start()
+
+    async def _ensure_topic(self) -> None:
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._brokers)
+        await admin.start()
+        try:
+            if self.topic in await admin.list_topics():
+                return
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [NewTopic(self.topic, num_partitions=self._partitions, replication_factor=1)]
+                )
+        finally:
+            await admin.close()
+        # Topic metadata propagates asynchronously; wait until partitions are visible.
+        for _ in range(100):
+            if await self._partition_ids():
+                return
+            await asyncio.sleep(0.1)
+
+    async def _partition_ids(self) -> list[int]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self._brokers)
+        await consumer.start()
+        try:
+            await consumer._client.force_metadata_update()
+            return sorted(consumer.partitions_for_topic(self.topic) or [])
+        finally:
+            await consumer.stop()
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+    async def append(self, events: Sequence[Event]) -> Positions:
+        if not events:
+            return {}
+        assert self._producer is not None, "start() first"
+        async with self._lock:
+            async with self._producer.transaction():
+                futures = [
+                    await self._producer.send(
+                        self.topic,
+                        value=encode_event(e),
+                        key=partition_key(e).encode(),
+                        headers=[("event_id", e.event_id.encode())],
+                    )
+                    for e in events
+                ]
+            positions: Positions = {}
+            for fut in futures:
+                md = await fut
+                if md.offset + 1 > positions.get(md.partition, 0):
+                    positions[md.partition] = md.offset + 1
+            return positions
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self._brokers,
+            isolation_level="read_committed",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            group_id=None,
+            max_partition_fetch_bytes=8 * 1024 * 1024,
+            fetch_max_bytes=32 * 1024 * 1024,
+        )
+
+    async def end_positions(self) -> Positions:
+        consumer = self._consumer()
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in await self._partition_ids()]
+            ends = await consumer.end_offsets(tps)
+            return {tp.partition: off for tp, off in ends.items()}
+        finally:
+            await consumer.stop()
+
+    async def read(
+        self, start: Positions | None = None, *, follow: bool = True, batch: int = 1000
+    ) -> AsyncIterator[list[LogRecord]]:
+        start = start or {}
+        consumer = self._consumer()
+        await consumer.start()
+        try:
+            tps = [TopicPartition(self.topic, p) for p in await self._partition_ids()]
+            consumer.assign(tps)
+            for tp in tps:
+                if start.get(tp.partition, 0) > 0:
+                    consumer.seek(tp, start[tp.partition])
+                else:
+                    await consumer.seek_to_beginning(tp)
+            end = {tp: off for tp, off in (await consumer.end_offsets(tps)).items()}
+            while True:
+                if not follow and all(
+                    await asyncio.gather(*(self._reached(consumer, tp, end[tp]) for tp in tps))
+                ):
+                    return
+                fetched = await consumer.getmany(*tps, timeout_ms=200, max_records=batch)
+                records = [
+                    LogRecord(tp.partition, m.offset, decode_event(m.value))
+                    for tp, msgs in fetched.items()
+                    for m in msgs
+                ]
+                if records:
+                    yield records
+        finally:
+            await consumer.stop()
+
+    @staticmethod
+    async def _reached(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> bool:
+        return bool(await consumer.position(tp) >= end)

@@ -1,0 +1,282 @@
+"""The ingest loop: ingress stream -> validate -> handlers -> event log -> ack.
+
+Every ingress message becomes exactly one recorded event (a registration,
+heartbeat, deregistration, or an ``InputRejected``), whose id is derived from
+the ingress sequence. Messages are acknowledged only after their events are in
+the log. After a crash the hub rebuilds its state from the log, whose highest
+ingress sequence is the watermark: re-delivered messages at or below it are
+already recorded and are only acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import nats.errors
+import nats.js.errors
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from events.codec import encode_event
+from events.model import (
+    WATCH_KIND,
+    Event,
+    HeartbeatReceived,
+    InputRejected,
+    ServiceDeregistered,
+    ServiceRegistered,
+)
+from events.names import INVALID_TENANT
+from events.subjects import (
+    DLQ_STREAM,
+    DLQ_SUBJECT,
+    INGRESS_CONSUMER,
+    INGRESS_STREAM,
+    INGRESS_SUBJECTS,
+    route,
+    watch_subject,
+)
+from events.wire import (
+    DeregisterMessage,
+    HeartbeatMessage,
+    RegisterMessage,
+    WireError,
+    derive_instance_id,
+    parse_ingress,
+)
+from handlers import RegistryState, react
+from hub.config import HubConfig
+from hub.eventlog.port import EventLog
+from hub.metrics import Metrics
+from hub.progress import Progress
+
+log = structlog.get_logger(__name__)
+
+EXCERPT_BYTES = 256
+ANNOUNCED = (ServiceRegistered, ServiceDeregistered, InputRejected)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A dead letter to publish: the original bytes and why they were refused."""
+
+    event: InputRejected
+    payload: bytes
+
+
+def to_event(
+    msg: RegisterMessage | HeartbeatMessage | DeregisterMessage, *, tenant: str, seq: int, ts: float
+) -> Event:
+    """The candidate event for a valid ingress message (pure)."""
+    eid = f"ingress-{seq}"
+    match msg:
+        case RegisterMessage():
+            return ServiceRegistered(
+                event_id=eid, tenant=tenant, ts=ts, ingress_seq=seq,
+                service_name=msg.service_name,
+                instance_id=msg.instance_id
+                or derive_instance_id(msg.service_name, msg.host, msg.port),
+                host=msg.host, port=msg.port, protocol=msg.protocol, version=msg.version,
+                health_endpoint=msg.health_endpoint, metadata=dict(msg.metadata),
+                transport_preferences=list(msg.transport_preferences),
+                heartbeat_interval_s=msg.heartbeat_interval_s, depends_on=list(msg.depends_on),
+            )  # fmt: skip
+        case HeartbeatMessage():
+            return HeartbeatReceived(
+                event_id=eid, tenant=tenant, ts=ts, ingress_seq=seq,
+                service_name=msg.service_name, instance_id=msg.instance_id,
+                status=msg.status, load=msg.load, checks=dict(msg.checks),
+            )  # fmt: skip
+        case DeregisterMessage():
+            return ServiceDeregistered(
+                event_id=eid, tenant=tenant, ts=ts, ingress_seq=seq,
+                service_name=msg.service_name, instance_id=msg.instance_id,
+            )  # fmt: skip
+
+
+def rejected(
+    *, tenant: str, seq: int, ts: float, subject: str, code: str, reason: str, payload: bytes
+) -> InputRejected:
+    return InputRejected(
+        event_id=f"ingress-{seq}", tenant=tenant, ts=ts, ingress_seq=seq, subject=subject,
+        reason_code=code, reason=reason,
+        excerpt=payload[:EXCERPT_BYTES].decode("utf-8", errors="replace"),
+    )  # fmt: skip
+
+
+def classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float) -> Event:
+    """Turn one ingress message into its candidate event, or an InputRejected (pure)."""
+    r = route(subject)
+    if r.tenant_error is not None:
+        return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
+                        code="INVALID_TENANT", reason=r.tenant_error, payload=payload)  # fmt: skip
+    if not config.tenant_allowed(r.tenant):
+        return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
+                        code="UNKNOWN_TENANT", reason=f"tenant {r.tenant!r} is not served here",
+                        payload=payload)  # fmt: skip
+    try:
+        msg = parse_ingress(r.kind, payload, max_metadata_bytes=config.max_metadata_bytes)
+    except WireError as exc:
+        return rejected(tenant=r.tenant, seq=seq, ts=ts, subject=subject, code=exc.code,
+                        reason=exc.reason, payload=payload)  # fmt: skip
+    return to_event(msg, tenant=r.tenant, seq=seq, ts=ts)
+
+
+class Ingest:
+    """Consumes ``HUB_INGRESS`` durably in batches and records events in the log."""
+
+    def __init__(
+        self,
+        nc: Client,
+        event_log: EventLog,
+        state: RegistryState,
+        config: HubConfig,
+        *,
+        metrics: Metrics,
+        progress: Progress,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._log = event_log
+        self.state = state
+        self._config = config
+        self._metrics = metrics
+        self._progress = progress
+        self._clock = clock
+
+    async def setup(self) -> None:
+        """Create the ingress and dead-letter streams and the durable consumer."""
+        await self._ensure_stream(
+            StreamConfig(
+                name=INGRESS_STREAM,
+                subjects=INGRESS_SUBJECTS,
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                max_msg_size=self._config.max_message_bytes,
+                discard=DiscardPolicy.NEW,
+                max_bytes=4 * 1024**3,
+            )
+        )
+        await self._ensure_stream(
+            StreamConfig(
+                name=DLQ_STREAM,
+                subjects=[DLQ_SUBJECT],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                max_age=30 * 24 * 3600.0,
+                duplicate_window=600.0,
+            )
+        )
+        await self._js.add_consumer(
+            INGRESS_STREAM,
+            ConsumerConfig(
+                durable_name=INGRESS_CONSUMER,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=60.0,
+                max_deliver=-1,
+                max_ack_pending=20_000,
+            ),
+        )
+
+    async def _ensure_stream(self, config: StreamConfig) -> None:
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self._js.update_stream(config)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        sub = await self._js.pull_subscribe_bind(INGRESS_CONSUMER, stream=INGRESS_STREAM)
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(self._config.ingest_batch, timeout=0.5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            await self.process(msgs)
+
+    async def process(self, msgs: list[Msg]) -> None:
+        """Record the events of one fetched batch, then acknowledge it."""
+        now = self._clock()
+        recorded: list[Event] = []
+        dead: list[Rejection] = []
+        max_seq = 0
+        for msg in msgs:
+            md = msg.metadata
+            seq = md.sequence.stream
+            max_seq = max(max_seq, seq)
+            if seq <= self.state.last_ingress_seq:
+                self._metrics.inc("ingress_redelivered_skipped")
+                continue
+            candidate = classify(self._config, msg.subject, msg.data or b"", seq=seq,
+                                 ts=md.timestamp.timestamp())  # fmt: skip
+            self.state, events = react(self.state, candidate, now)
+            for e in events:
+                if isinstance(e, InputRejected):
+                    dead.append(Rejection(e, msg.data or b""))
+                    self._metrics.inc("ingress_rejected")
+                    self._metrics.inc(f"ingress_rejected:{e.reason_code}")
+                else:
+                    self._metrics.inc(f"ingress_{type(e).__name__}")
+            recorded.extend(events)
+        positions = await self._record(recorded, dead)
+        await self._announce(recorded)
+        for msg in msgs:
+            await msg.ack()
+        if max_seq:
+            await self._progress.appended(max(max_seq, self.state.last_ingress_seq), positions)
+
+    async def _record(self, recorded: list[Event], dead: list[Rejection]) -> dict[int, int]:
+        """Dead-letter, then append; retried until done (never re-decided)."""
+        delay = 0.1
+        while True:
+            try:
+                for d in dead:
+                    await self._dead_letter(d)
+                positions = await self._log.append(recorded)
+                self._metrics.inc("events_appended", len(recorded))
+                return positions
+            except Exception as exc:  # the log or NATS is down: wait, keep the decisions
+                log.warning("append_failed_retrying", error=repr(exc), events=len(recorded))
+                self._metrics.inc("append_retries")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _dead_letter(self, d: Rejection) -> None:
+        e = d.event
+        await self._js.publish(
+            DLQ_SUBJECT,
+            d.payload,
+            headers={
+                "Nats-Msg-Id": f"dlq-{e.ingress_seq}",
+                "Hub-Reason-Code": e.reason_code,
+                "Hub-Reason": e.reason[:1024],
+                "Hub-Ingress-Seq": str(e.ingress_seq),
+                "Hub-Subject": e.subject,
+                "Hub-Tenant": e.tenant,
+                "Hub-Event-Id": e.event_id,
+            },
+        )
+        self._metrics.inc("dlq_published")
+
+    async def _announce(self, recorded: list[Event]) -> None:
+        """Push recorded events to watchers (core NATS, at most once)."""
+        for e in recorded:
+            if isinstance(e, ANNOUNCED):
+                await self._nc.publish(watch_subject(e.tenant, WATCH_KIND[type(e)]),
+                                       encode_event(e))  # fmt: skip

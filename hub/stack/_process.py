@@ -1,0 +1,292 @@
+"""Common machinery of the stack's servers: spawn with a log file, wait until ready, stop.
+
+Every server is a direct child of this Python process, started in its own session
+(so a Ctrl-C in the terminal reaches the hub, which then stops the servers in order)
+and with its stdout/stderr written to ``log_path``.
+
+Orphans: a child spawned from the main thread gets ``PR_SET_PDEATHSIG(SIGKILL)``, so the
+kernel kills it if this process dies without running its ``atexit`` hooks. Linux sends
+that signal when the *thread* that forked the child exits, so it is only set for children
+spawned from the main thread; children spawned from other threads rely on ``atexit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Self, TypeVar
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+HOST = "127.0.0.1"
+_T = TypeVar("_T")
+_PR_SET_PDEATHSIG = 1
+_LOG_TAIL_LINES = 40
+
+
+class StackError(RuntimeError):
+    """A server of the stack could not be started (the message ends with its log's tail)."""
+
+
+# --- ports -------------------------------------------------------------------------------
+
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (and not handed out before by this process)."""
+    with _ports_lock:
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((HOST, 0))
+                port: int = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise StackError("no free port found on 127.0.0.1")
+
+
+def port_is_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:<port> (TIME_WAIT leftovers do not count)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def run_coroutine(factory: Callable[[], Coroutine[Any, Any, _T]], timeout: float = 30.0) -> _T:
+    """Run ``factory()`` to completion on a fresh event loop in a helper thread.
+
+    A thread keeps this usable from code that already runs an event loop and leaves the
+    calling thread's event loop (e.g. pytest-asyncio's) untouched.
+    """
+    result: list[_T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(factory()))
+        except BaseException as exc:
+            error.append(exc)
+
+    thread = threading.Thread(target=target, name="hub-stack-async", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise TimeoutError(f"coroutine did not finish within {timeout:.0f} s")
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last ``lines`` lines of a log file ('' when it does not exist)."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+try:
+    # Loaded before any fork: dlopen() in a forked child of a threaded parent may deadlock.
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - non-glibc platforms
+    _libc = None
+
+
+def _child_setup(parent_pid: int, death_signal: bool) -> Callable[[], None]:
+    def preexec() -> None:
+        if death_signal and _libc is not None:
+            _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if os.getppid() != parent_pid:  # the parent died before prctl took effect
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+_live: set[ManagedProcess] = set()
+_live_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _live_lock:
+        servers = list(_live)
+    for server in servers:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+# --- the base class ----------------------------------------------------------------------
+
+
+class ManagedProcess:
+    """A server process on 127.0.0.1 owned by this Python process.
+
+    Subclasses define ``name``, ``_command()`` and ``_ready()``; optionally ``_prepare()``
+    (one-off set-up such as initdb, run before spawning) and ``_after_stop()``.
+    ``start()`` = ``prepare()`` + ``spawn()`` + ``wait_ready()``; the three steps are public
+    so that :class:`~hub.stack.EmbeddedStack` can prepare and wait in worker threads while
+    spawning from the caller's thread (see the module docstring about PDEATHSIG).
+    """
+
+    name: ClassVar[str] = "server"
+    start_timeout: ClassVar[float] = 30.0
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    stop_timeout: ClassVar[float] = 10.0
+    poll_interval: ClassVar[float] = 0.05
+
+    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+        self.data_dir = Path(data_dir).absolute()
+        self.host = HOST
+        self.port = free_port() if port is None else port
+        self.log_path = self.data_dir / f"{self.name}.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._spawned_at = 0.0
+        self.startup_seconds: float | None = None
+
+    # -- subclass hooks -------------------------------------------------------------------
+
+    def _command(self) -> list[str]:
+        raise NotImplementedError
+
+    def _ready(self) -> bool:
+        """One readiness probe: True when the server answers a real client."""
+        raise NotImplementedError
+
+    def _prepare(self) -> None:
+        """One-off set-up before spawning (may run in any thread; no long-lived children)."""
+
+    def _env(self) -> dict[str, str] | None:
+        return None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
+
+    def spawn(self) -> None:
+        with self._lock:
+            if self.running:
+                return
+            command = self._command()
+            death_signal = threading.current_thread() is threading.main_thread()
+            with self.log_path.open("wb") as log_file:
+                self._proc = subprocess.Popen(
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir,
+                    env=self._env(),
+                    start_new_session=True,
+                    preexec_fn=_child_setup(os.getpid(), death_signal),
+                )
+            with _live_lock:
+                _live.add(self)
+            self._spawned_at = time.monotonic()
+            log.debug("stack.spawned", server=self.name, pid=self._proc.pid, port=self.port)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        timeout = self.start_timeout if timeout is None else timeout
+        proc = self._proc
+        if proc is None:
+            raise StackError(f"{self.name}: wait_ready() before spawn()")
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                self._fail(f"exited with code {proc.returncode} while starting")
+            try:
+                if self._ready():
+                    break
+            except Exception as exc:
+                log.debug("stack.not_ready", server=self.name, error=repr(exc))
+            if time.monotonic() > deadline:
+                self._fail(f"not ready after {timeout:.0f} s")
+            time.sleep(self.poll_interval)
+        self.startup_seconds = time.monotonic() - self._spawned_at
+        log.info(
+            "stack.ready",
+            server=self.name,
+            port=self.port,
+            pid=proc.pid,
+            seconds=round(self.startup_seconds, 2),
+        )
+
+    def start(self, timeout: float | None = None) -> Self:
+        """Start the server and block until it answers; ``timeout`` bounds the wait."""
+        if self.running:
+            return self
+        self.prepare()
+        self.spawn()
+        self.wait_ready(timeout)
+        return self
+
+    def stop(self) -> None:
+        """Stop the server (signal, wait, then SIGKILL). Idempotent."""
+        with self._lock:
+            proc = self._proc
+            if proc is not None and proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(self.stop_signal)
+                try:
+                    proc.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("stack.kill", server=self.name, pid=proc.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    proc.wait()
+                log.info("stack.stopped", server=self.name, port=self.port)
+            with _live_lock:
+                _live.discard(self)
+
+    def _fail(self, reason: str) -> None:
+        self.stop()
+        tail = log_tail(self.log_path)
+        raise StackError(f"{self.name} on port {self.port} {reason}; {self.log_path}:\n{tail}")
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.host}:{self.port} {state}>"

@@ -1,0 +1,71 @@
+"""PostgreSQL schema of the registry view, as ordered, idempotent migrations."""
+
+from __future__ import annotations
+
+import asyncpg
+
+# Append only: a migration, once released, is never edited.
+MIGRATIONS: list[str] = [
+    # 1: the registry (the seed's columns, plus instance_id and the lease figures),
+    #    checkpoints and rejected input.
+    """
+    CREATE TABLE service_registry (
+        id                    text PRIMARY KEY,        -- tenant/service/instance
+        tenant_id             text NOT NULL,
+        service_name          text NOT NULL,
+        instance_id           text NOT NULL,
+        host                  text NOT NULL,
+        port                  integer NOT NULL,
+        protocol              text NOT NULL,
+        health_endpoint       text NOT NULL,
+        version               text NOT NULL,
+        metadata              jsonb NOT NULL,
+        status                text NOT NULL,
+        registered_at         timestamptz NOT NULL,
+        last_seen             timestamptz NOT NULL,
+        transport_preferences jsonb NOT NULL,
+        contract_validated    boolean NOT NULL DEFAULT false,
+        heartbeat_interval_s  double precision NOT NULL,
+        depends_on            jsonb NOT NULL,
+        load                  double precision,
+        UNIQUE (tenant_id, service_name, instance_id)
+    );
+    CREATE INDEX service_registry_tenant_service ON service_registry (tenant_id, service_name);
+    CREATE TABLE projection_checkpoints (
+        projection  text NOT NULL,
+        partition   integer NOT NULL,
+        position    bigint NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (projection, partition)
+    );
+    CREATE TABLE input_rejections (
+        event_id     text PRIMARY KEY,
+        tenant_id    text NOT NULL,
+        ingress_seq  bigint NOT NULL,
+        subject      text NOT NULL,
+        reason_code  text NOT NULL,
+        reason       text NOT NULL,
+        excerpt      text NOT NULL,
+        ts           timestamptz NOT NULL
+    );
+    CREATE INDEX input_rejections_tenant ON input_rejections (tenant_id, ts);
+    """,
+]
+
+_LOCK_ID = 0x48554253  # "HUBS": one migrator at a time across hub instances
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Apply pending migrations in order; returns the schema version reached."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version > current:
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+        return len(MIGRATIONS)

@@ -1,0 +1,155 @@
+"""Fixtures that run the hub against the real servers of tests/conftest.py."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+import redis.asyncio as aioredis
+
+from hub.app import Hub
+from hub.config import HubConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["jetstream", "kafka"])
+def event_log_kind(request: pytest.FixtureRequest) -> str:
+    """Run the test once per event log adapter."""
+    return str(request.param)
+
+
+@pytest.fixture
+def hub_config(
+    request: pytest.FixtureRequest, nats_server, redis_server, postgres_server, pg_database
+) -> HubConfig:
+    """A configuration pointing at this test's fresh servers (JetStream log by default)."""
+    kind = (
+        request.getfixturevalue("event_log_kind")
+        if "event_log_kind" in request.fixturenames
+        else "jetstream"
+    )
+    kafka: dict[str, Any] = {}
+    if kind == "kafka":
+        server = request.getfixturevalue("kafka_server")
+        kafka = {
+            "kafka_brokers": (server.bootstrap,),
+            "kafka_topic": request.getfixturevalue("kafka_topic"),
+        }
+    return HubConfig(
+        nats_urls=(nats_server.url,),
+        postgres_host=postgres_server.host,
+        postgres_port=postgres_server.port,
+        postgres_db=pg_database,
+        postgres_user=postgres_server.user,
+        redis_host=redis_server.host,
+        redis_port=redis_server.port,
+        event_log=kind,
+        log_format="json",
+        **kafka,
+    )
+
+
+@pytest.fixture
+async def start_hub(hub_config: HubConfig) -> AsyncIterator[Callable[..., Any]]:
+    """Start the hub in-process (optionally with config overrides); stopped at teardown."""
+    hubs: list[Hub] = []
+
+    async def start(**overrides: Any) -> Hub:
+        hub = Hub(dataclasses.replace(hub_config, **overrides))
+        await hub.start()
+        hubs.append(hub)
+        return hub
+
+    yield start
+    for hub in hubs:
+        await hub.stop()
+
+
+@pytest.fixture
+async def nc(nats_server):
+    """A plain nats-py client, as any service would have."""
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.drain()
+
+
+@pytest.fixture
+async def pg(hub_config: HubConfig):
+    conn = await asyncpg.connect(hub_config.postgres_dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+async def rds(hub_config: HubConfig):
+    client = aioredis.Redis(host=hub_config.redis_host, port=hub_config.redis_port,
+                            decode_responses=True)  # fmt: skip
+    yield client
+    await client.aclose()
+
+
+async def query(nc, subject: str, body: dict | bytes | None = None, timeout: float = 10.0) -> dict:
+    """Request-reply on hub.query.*, decoded."""
+    data = body if isinstance(body, bytes) else msgspec.json.encode(body or {})
+    reply = await nc.request(subject, data, timeout=timeout)
+    return msgspec.json.decode(reply.data)
+
+
+async def eventually(check: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.1):
+    """Poll an async or sync check until it returns a truthy value; return that value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {check}")
+        await asyncio.sleep(interval)
+
+
+class HubProcess:
+    """The hub as a separate OS process (``python -m hub run``), for crash tests."""
+
+    def __init__(self, config: HubConfig, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, **self.config.to_env(), "PYTHONUNBUFFERED": "1"}
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hub", "run"], cwd=ROOT, env=env, stdout=log, stderr=log
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
