@@ -102,6 +102,29 @@ def derive_instance_id(service_name: str, host: str, port: int) -> str:
     return f"{service_name[:50]}-{digest}"
 
 
+def _find_nul(value: Any, path: str) -> str | None:
+    """The path of the first string (key or value) holding a NUL character, if any.
+
+    JSON allows ``\\u0000`` but PostgreSQL text and jsonb do not; refusing it at
+    the door keeps a poison event out of the log.
+    """
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if "\x00" in k:
+                return f"{path} (a key)"
+            found = _find_nul(v, f"{path}.{k}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _find_nul(v, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
 def _decode(kind: str, payload: bytes) -> IngressMessage:
     try:
         return _decoders[kind].decode(payload)
@@ -122,6 +145,14 @@ def parse_ingress(kind: str, payload: bytes, *, max_metadata_bytes: int) -> Ingr
     if not payload.strip():
         raise WireError("MALFORMED_JSON", "empty payload")
     msg = _decode(kind, payload)
+    extra = (
+        msg.metadata
+        if isinstance(msg, RegisterMessage)
+        else (msg.checks if isinstance(msg, HeartbeatMessage) else {})
+    )
+    nul = _find_nul(extra, "$")
+    if nul is not None:
+        raise WireError("INVALID_FIELD", f"NUL character not allowed - at `{nul}`")
     if isinstance(msg, RegisterMessage):
         size = len(_encoder.encode(msg.metadata))
         if size > max_metadata_bytes:
@@ -144,21 +175,30 @@ def parse_ingress(kind: str, payload: bytes, *, max_metadata_bytes: int) -> Ingr
 
 
 class ServicesQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """``hub.query.services``: every filter optional; unknown fields are an error."""
+    """``hub.query.services``: every filter optional; unknown fields are an error.
+
+    Replies are paged by instance: at most ``limit`` instances (fewer if the reply
+    would exceed the NATS max payload); ``metadata.next_cursor`` in the reply is
+    the ``cursor`` of the next page, null on the last one.
+    """
 
     name: Name | None = None
     status: Annotated[str, msgspec.Meta(max_length=32)] | None = None
     version: Version | None = None
     min_seq: SeqNo | None = None
     correlation_id: CorrelationId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 1000
+    cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
 
 
 class ServiceQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """``hub.query.service``: one service with its instances."""
+    """``hub.query.service``: one service with its instances (paged like services)."""
 
     service_name: Name
     min_seq: SeqNo | None = None
     correlation_id: CorrelationId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 1000
+    cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
 
 
 Q = TypeVar("Q", ServicesQuery, ServiceQuery)
@@ -173,6 +213,7 @@ class StandardResponse(msgspec.Struct, kw_only=True, omit_defaults=False):
     error_message: str | None = None
     processing_time_ms: float = 0.0
     correlation_id: str | None = None
+    metadata: dict[str, Any] = {}
 
 
 def parse_query(payload: bytes, query_type: type[Q]) -> Q:

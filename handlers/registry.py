@@ -19,6 +19,7 @@ from events.model import (
     ServiceDeregistered,
     ServiceRegistered,
 )
+from handlers.ledger import SeqLedger
 
 InstanceKey = tuple[str, str, str]  # tenant, service_name, instance_id
 
@@ -60,13 +61,13 @@ class RegistryState:
         instances: every instance ever registered, deregistered ones included
             (the registry keeps its history; the live view leaves them out).
         rejected: count of rejected inputs per tenant.
-        last_ingress_seq: the highest ingress sequence folded, the watermark the
-            ingest loop uses to skip re-delivered input after a crash.
+        ingress: the ingress sequences already recorded, which the ingest loop
+            uses to skip re-delivered input after a crash.
     """
 
     instances: dict[InstanceKey, Instance] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
-    last_ingress_seq: int = 0
+    ingress: SeqLedger = field(default_factory=SeqLedger)
 
     def live(self, key: InstanceKey) -> Instance | None:
         inst = self.instances.get(key)
@@ -113,8 +114,8 @@ def decide(state: RegistryState, event: Event, now: float) -> list[Event]:
 
 def evolve(state: RegistryState, event: Event) -> RegistryState:
     """Apply one recorded event to the state (in place) and return it."""
-    if event.ingress_seq > state.last_ingress_seq:
-        state.last_ingress_seq = event.ingress_seq
+    if event.ingress_seq:
+        state.ingress.add(event.ingress_seq)
     match event:
         case ServiceRegistered():
             key = _key(event)

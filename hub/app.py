@@ -63,7 +63,8 @@ async def rebuild_state(event_log: EventLog) -> tuple[RegistryState, dict[int, i
         for r in records:
             evolve(state, r.event)
         count += len(records)
-    log.info("state_rebuilt", events=count, watermark=state.last_ingress_seq)
+    log.info("state_rebuilt", events=count, ingress_floor=state.ingress.floor,
+             ingress_high=state.ingress.high)  # fmt: skip
     return state, end
 
 
@@ -105,10 +106,10 @@ class Hub:
         for p in self.projections:
             await p.setup()
         state, end = await rebuild_state(self.event_log)
-        await self.progress.appended(state.last_ingress_seq, end)
         self.ingest = Ingest(self.nc, self.event_log, state, c, metrics=self.metrics,
                              progress=self.progress, clock=self.clock)  # fmt: skip
         await self.ingest.setup()
+        await self.progress.appended(state.ingress.floor, end)
         for p in self.projections:
             self._spawn(run_projection(self.event_log, p, progress=self.progress,
                                        metrics=self.metrics), f"projection:{p.name}")  # fmt: skip

@@ -107,13 +107,20 @@ def to_event(
             )  # fmt: skip
 
 
+def printable(data: bytes | str, limit: int = EXCERPT_BYTES) -> str:
+    """Text safe to store anywhere (PostgreSQL refuses NUL): bad bytes escaped."""
+    if isinstance(data, bytes):
+        data = data[:limit].decode("utf-8", errors="backslashreplace")
+    return data[:limit].replace("\x00", "\\x00")
+
+
 def rejected(
     *, tenant: str, seq: int, ts: float, subject: str, code: str, reason: str, payload: bytes
 ) -> InputRejected:
     return InputRejected(
-        event_id=f"ingress-{seq}", tenant=tenant, ts=ts, ingress_seq=seq, subject=subject,
-        reason_code=code, reason=reason,
-        excerpt=payload[:EXCERPT_BYTES].decode("utf-8", errors="replace"),
+        event_id=f"ingress-{seq}", tenant=tenant, ts=ts, ingress_seq=seq,
+        subject=printable(subject), reason_code=code, reason=printable(reason, 2048),
+        excerpt=printable(payload),
     )  # fmt: skip
 
 
@@ -157,6 +164,7 @@ class Ingest:
         self._metrics = metrics
         self._progress = progress
         self._clock = clock
+        self._batches = 0
 
     async def setup(self) -> None:
         """Create the ingress and dead-letter streams and the durable consumer."""
@@ -181,17 +189,33 @@ class Ingest:
                 duplicate_window=600.0,
             )
         )
-        await self._js.add_consumer(
-            INGRESS_STREAM,
-            ConsumerConfig(
-                durable_name=INGRESS_CONSUMER,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=60.0,
-                max_deliver=-1,
-                max_ack_pending=20_000,
-            ),
+        await self._take_over_consumer()
+        await self._compact_ledger()
+
+    async def _take_over_consumer(self) -> None:
+        """Create the durable consumer, or take it over from a previous hub process.
+
+        Messages a crashed hub had fetched but not acknowledged would otherwise be
+        held back until their ack wait expires. The hub is the single writer of its
+        ingress stream, so it recreates the consumer: with work-queue retention the
+        unacknowledged messages stay in the stream and come again at once, in order.
+        """
+        config = ConsumerConfig(
+            durable_name=INGRESS_CONSUMER,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=60.0,
+            max_deliver=-1,
+            max_ack_pending=20_000,
         )
+        try:
+            info = await self._js.consumer_info(INGRESS_STREAM, INGRESS_CONSUMER)
+        except nats.js.errors.NotFoundError:
+            info = None
+        if info is not None and info.num_ack_pending:
+            log.info("ingress_consumer_taken_over", unacknowledged=info.num_ack_pending)
+            await self._js.delete_consumer(INGRESS_STREAM, INGRESS_CONSUMER)
+        await self._js.add_consumer(INGRESS_STREAM, config)
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         try:
@@ -220,7 +244,7 @@ class Ingest:
             md = msg.metadata
             seq = md.sequence.stream
             max_seq = max(max_seq, seq)
-            if seq <= self.state.last_ingress_seq:
+            if self.state.ingress.seen(seq):
                 self._metrics.inc("ingress_redelivered_skipped")
                 continue
             candidate = classify(self._config, msg.subject, msg.data or b"", seq=seq,
@@ -238,8 +262,23 @@ class Ingest:
         await self._announce(recorded)
         for msg in msgs:
             await msg.ack()
+        self._batches += 1
+        if self.state.ingress.above and (
+            self._batches % 50 == 0 or len(self.state.ingress.above) > 10_000
+        ):
+            await self._compact_ledger()
         if max_seq:
-            await self._progress.appended(max(max_seq, self.state.last_ingress_seq), positions)
+            await self._progress.appended(self.state.ingress.floor, positions)
+
+    async def _compact_ledger(self) -> None:
+        """Raise the ledger's floor to the stream's first message: below it, everything
+        was acknowledged (so recorded) or removed, and cannot come again."""
+        try:
+            info = await self._js.stream_info(INGRESS_STREAM)
+        except Exception as exc:  # not worth failing a batch for
+            log.info("ingress_stream_info_failed", error=repr(exc))
+            return
+        self.state.ingress.raise_floor(info.state.first_seq)
 
     async def _record(self, recorded: list[Event], dead: list[Rejection]) -> dict[int, int]:
         """Dead-letter, then append; retried until done (never re-decided)."""

@@ -11,14 +11,17 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from events.names import is_name
 from events.subjects import QUERY_PREFIX, query_route
 from events.wire import (
     ServiceQuery,
@@ -62,14 +65,18 @@ class QueryService:
         self._progress = progress
         self._metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reply_budget = 1024 * 1024 - 4096
         self._sub: Subscription | None = None
-        self._views: dict[str, Callable[[str, bytes], Awaitable[tuple[Any, str | None]]]] = {
+        self._views: dict[str, Callable[[str, bytes], Awaitable[Answer]]] = {
             "services": self._services,
             "service": self._service,
         }
 
     async def start(self, nc: Client) -> None:
+        # Replies must fit the server's max payload; leave room for the envelope.
+        self._reply_budget = max(nc.max_payload - 4096, 4096)
         self._sub = await nc.subscribe(f"{QUERY_PREFIX}.>", queue="hub-query", cb=self._on_msg)
+        await nc.flush()  # the server knows the subscription before start() returns
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -115,8 +122,9 @@ class QueryService:
                 )
             if len(payload) > self._config.max_message_bytes:
                 raise QueryError("PAYLOAD_TOO_LARGE", f"request is {len(payload)} bytes")
-            data, correlation_id = await view(r.tenant, payload)
-            response = StandardResponse(success=True, data=data)
+            answer = await view(r.tenant, payload)
+            correlation_id = answer.correlation_id
+            response = StandardResponse(success=True, data=answer.data, metadata=answer.metadata)
             self._metrics.inc(f"query_ok:{r.kind}")
         except QueryError as exc:
             response = StandardResponse(success=False, error_code=exc.code,
@@ -145,7 +153,7 @@ class QueryService:
                 f"(ingested through {self._progress.ingested_seq}); retry",
             )
 
-    async def _services(self, tenant: str, payload: bytes) -> tuple[Any, str | None]:
+    async def _services(self, tenant: str, payload: bytes) -> Answer:
         q = parse_query(payload, ServicesQuery)
         await self._await_seq(q.min_seq)
         services = await read_services(self._redis, tenant, name=q.name)
@@ -158,9 +166,10 @@ class QueryService:
             ]  # fmt: skip
             if instances:
                 out.append({**svc, "instances": instances})
-        return out, q.correlation_id
+        data, metadata = self._page(out, limit=q.limit, cursor=q.cursor)
+        return Answer(data, q.correlation_id, metadata)
 
-    async def _service(self, tenant: str, payload: bytes) -> tuple[Any, str | None]:
+    async def _service(self, tenant: str, payload: bytes) -> Answer:
         q = parse_query(payload, ServiceQuery)
         await self._await_seq(q.min_seq)
         services = await read_services(self._redis, tenant, name=q.service_name)
@@ -168,4 +177,60 @@ class QueryService:
             raise QueryError(
                 "NOT_FOUND", f"no live service {q.service_name!r} in tenant {tenant!r}"
             )
-        return services[0], q.correlation_id
+        data, metadata = self._page(services, limit=q.limit, cursor=q.cursor)
+        if not data:
+            raise QueryError("NOT_FOUND", f"no instances after cursor {q.cursor!r}")
+        return Answer(data[0], q.correlation_id, metadata)
+
+    def _page(
+        self, services: list[dict[str, Any]], *, limit: int, cursor: str | None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """One page of at most ``limit`` instances after ``cursor``, shrunk until it fits
+        the reply budget; metadata carries ``next_cursor`` and ``total_instances``."""
+        after = parse_cursor(cursor)
+        rows = [
+            (svc, inst)
+            for svc in services
+            for inst in svc["instances"]
+            if after is None or (svc["service_name"], inst["instance_id"]) > after
+        ]
+        total = sum(len(svc["instances"]) for svc in services)
+        while True:
+            chosen = rows[:limit]
+            data = group_page(chosen)
+            if limit == 1 or len(msgspec.json.encode(data)) <= self._reply_budget:
+                break
+            limit = max(1, limit // 2)
+        next_cursor = None
+        if len(rows) > len(chosen) and chosen:
+            svc, inst = chosen[-1]
+            next_cursor = f"{svc['service_name']}/{inst['instance_id']}"
+        return data, {"next_cursor": next_cursor, "total_instances": total}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a view returns: reply data, the request's correlation id, reply metadata."""
+
+    data: Any
+    correlation_id: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_cursor(cursor: str | None) -> tuple[str, str] | None:
+    if cursor is None:
+        return None
+    service, sep, instance = cursor.partition("/")
+    if not sep or not is_name(service) or not is_name(instance):
+        raise QueryError("INVALID_REQUEST", f"cursor {cursor!r} is not one this hub returned")
+    return service, instance
+
+
+def group_page(rows: list[tuple[dict[str, Any], dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Regroup (service, instance) rows into services with their instances."""
+    out: list[dict[str, Any]] = []
+    for svc, inst in rows:
+        if not out or out[-1]["service_name"] != svc["service_name"]:
+            out.append({**svc, "instances": []})
+        out[-1]["instances"].append(inst)
+    return out

@@ -144,7 +144,7 @@ class RedisRegistryProjection:
                         return checkpoint
                     pipe.multi()
                     for record in todo:
-                        self._queue(pipe, record)
+                        await self._queue(pipe, record)
                     new = advance(checkpoint, todo)
                     pipe.hset(ckey, mapping={str(p): str(n) for p, n in new.items()})
                     await pipe.execute()
@@ -152,11 +152,11 @@ class RedisRegistryProjection:
                 except WatchError:
                     continue
 
-    def _queue(self, pipe: Any, record: LogRecord) -> None:
+    async def _queue(self, pipe: Any, record: LogRecord) -> None:
         e = record.event
         match e:
             case ServiceRegistered():
-                self._register(
+                await self._register(
                     keys=[
                         instance_key(e.tenant, e.service_name, e.instance_id),
                         service_key(e.tenant, e.service_name),
@@ -173,13 +173,13 @@ class RedisRegistryProjection:
                     client=pipe,
                 )
             case HeartbeatReceived():
-                self._heartbeat(
+                await self._heartbeat(
                     keys=[instance_key(e.tenant, e.service_name, e.instance_id)],
                     args=[e.status, num(e.ts), "" if e.load is None else num(e.load)],
                     client=pipe,
                 )
             case ServiceDeregistered():
-                self._deregister(
+                await self._deregister(
                     keys=[
                         instance_key(e.tenant, e.service_name, e.instance_id),
                         service_key(e.tenant, e.service_name),

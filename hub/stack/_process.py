@@ -108,6 +108,40 @@ def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
+def owns_listening_port(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds the listening socket on TCP ``port`` (Linux /proc).
+
+    ``None`` when /proc cannot tell (not Linux, or no permission). Guards readiness probes
+    against answering for another server that already had the port.
+    """
+    inodes: set[str] = set()
+    tables_read = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        tables_read += 1
+        for row in rows:
+            fields = row.split()
+            # local_address is HEXIP:HEXPORT, st "0A" is LISTEN, field 9 is the inode.
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    if not tables_read:
+        return None
+    if not inodes:
+        return False
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd).removeprefix("socket:[").removesuffix("]") in inodes:
+                return True
+    return False
+
+
 try:
     # Loaded before any fork: dlopen() in a forked child of a threaded parent may deadlock.
     _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
@@ -115,9 +149,9 @@ except OSError:  # pragma: no cover - non-glibc platforms
     _libc = None
 
 
-def _child_setup(parent_pid: int, death_signal: bool) -> Callable[[], None]:
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     def preexec() -> None:
-        if death_signal and _libc is not None:
+        if _libc is not None:
             _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
             if os.getppid() != parent_pid:  # the parent died before prctl took effect
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -125,14 +159,14 @@ def _child_setup(parent_pid: int, death_signal: bool) -> Callable[[], None]:
     return preexec
 
 
-_live: set[ManagedProcess] = set()
+_live: dict[ManagedProcess, None] = {}  # insertion-ordered: stopped newest first
 _live_lock = threading.Lock()
 
 
 @atexit.register
 def _stop_all() -> None:
     with _live_lock:
-        servers = list(_live)
+        servers = list(reversed(_live))
     for server in servers:
         with contextlib.suppress(Exception):
             server.stop()
@@ -201,7 +235,7 @@ class ManagedProcess:
             if self.running:
                 return
             command = self._command()
-            death_signal = threading.current_thread() is threading.main_thread()
+            main_thread = threading.current_thread() is threading.main_thread()
             with self.log_path.open("wb") as log_file:
                 self._proc = subprocess.Popen(
                     command,
@@ -211,10 +245,10 @@ class ManagedProcess:
                     cwd=self.data_dir,
                     env=self._env(),
                     start_new_session=True,
-                    preexec_fn=_child_setup(os.getpid(), death_signal),
+                    preexec_fn=_die_with_parent(os.getpid()) if main_thread else None,
                 )
             with _live_lock:
-                _live.add(self)
+                _live[self] = None
             self._spawned_at = time.monotonic()
             log.debug("stack.spawned", server=self.name, pid=self._proc.pid, port=self.port)
 
@@ -228,7 +262,7 @@ class ManagedProcess:
             if proc.poll() is not None:
                 self._fail(f"exited with code {proc.returncode} while starting")
             try:
-                if self._ready():
+                if owns_listening_port(proc.pid, self.port) is not False and self._ready():
                     break
             except Exception as exc:
                 log.debug("stack.not_ready", server=self.name, error=repr(exc))
@@ -269,7 +303,7 @@ class ManagedProcess:
                     proc.wait()
                 log.info("stack.stopped", server=self.name, port=self.port)
             with _live_lock:
-                _live.discard(self)
+                _live.pop(self, None)
 
     def _fail(self, reason: str) -> None:
         self.stop()

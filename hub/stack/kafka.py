@@ -190,6 +190,10 @@ class KafkaServer(ManagedProcess):
             "group.initial.rebalance.delay.ms": "0",
             "share.coordinator.state.topic.replication.factor": "1",
             "share.coordinator.state.topic.min.isr": "1",
+            # A restart on a reused data dir waits until the previous incarnation's broker
+            # session expires (9 s by default): keep that short for a single local node.
+            "broker.heartbeat.interval.ms": "500",
+            "broker.session.timeout.ms": "4000",
         }
         return "".join(f"{key}={value}\n" for key, value in settings.items())
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import shutil
+import socket
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +15,16 @@ from hub.stack._process import ManagedProcess, StackError, free_port
 
 # Loopback health checks must not go through an HTTP proxy from the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError("nats-server closed the probe connection")
+        data += chunk
+    return data
 
 
 def nats_server_binary() -> Path:
@@ -73,4 +85,28 @@ class NatsServer(ManagedProcess):
     def _ready(self) -> bool:
         url = f"{self.monitor_url}/healthz?js-enabled-only=true"
         with _NO_PROXY.open(url, timeout=1.0) as response:
-            return bool(response.status == 200)
+            if response.status != 200:
+                return False
+        # Right after start, nats-server (2.15) may answer a request from one client
+        # with "no responders" although another client has already subscribed and
+        # flushed: interest is not yet seen across connections. Only call the server
+        # ready once a message between two fresh connections gets through, and still
+        # does a moment later (failures were seen only within ~10 ms of start).
+        if not self._round_trip():
+            return False
+        time.sleep(0.25)
+        return self._round_trip()
+
+    def _round_trip(self) -> bool:
+        connect = b'CONNECT {"verbose":false,"headers":true,"no_responders":true}\r\n'
+        with (
+            socket.create_connection((self.host, self.port), timeout=1.0) as a,
+            socket.create_connection((self.host, self.port), timeout=1.0) as b,
+        ):
+            for s in (a, b):
+                _read_until(s, b"\r\n")  # INFO
+            a.sendall(connect + b"SUB _hub.probe 1\r\nPING\r\n")
+            _read_until(a, b"PONG\r\n")
+            b.sendall(connect + b"PUB _hub.probe 2\r\nok\r\n")
+            got = _read_until(a, b"ok\r\n")
+            return b"MSG _hub.probe" in got

@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 import nats
+import nats.errors
 import pytest
 import redis.asyncio as aioredis
 
@@ -102,10 +103,36 @@ async def rds(hub_config: HubConfig):
 
 
 async def query(nc, subject: str, body: dict | bytes | None = None, timeout: float = 10.0) -> dict:
-    """Request-reply on hub.query.*, decoded."""
+    """Request-reply on hub.query.*, decoded.
+
+    "No responders" is retried briefly, as any client should: right after a
+    subscription is made, nats-server (2.15) was seen to answer "no responders"
+    to a request from another connection for a few milliseconds.
+    """
     data = body if isinstance(body, bytes) else msgspec.json.encode(body or {})
-    reply = await nc.request(subject, data, timeout=timeout)
+    for attempt in range(20):
+        try:
+            reply = await nc.request(subject, data, timeout=timeout)
+            break
+        except nats.errors.NoRespondersError:
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.05)
     return msgspec.json.decode(reply.data)
+
+
+async def query_all(nc, subject: str, body: dict, timeout: float = 10.0) -> list[dict]:
+    """Every page of a paged query; returns the (service, instance) pairs in order."""
+    pairs: list[dict] = []
+    cursor = None
+    while True:
+        reply = await query(nc, subject, {**body, "cursor": cursor}, timeout=timeout)
+        assert reply["success"], reply
+        for svc in reply["data"]:
+            pairs.extend({**i, "service_name": svc["service_name"]} for i in svc["instances"])
+        cursor = reply["metadata"]["next_cursor"]
+        if cursor is None:
+            return pairs
 
 
 async def eventually(check: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.1):
@@ -132,10 +159,10 @@ class HubProcess:
 
     def start(self) -> None:
         env = {**os.environ, **self.config.to_env(), "PYTHONUNBUFFERED": "1"}
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hub", "run"], cwd=ROOT, env=env, stdout=log, stderr=log
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "hub", "run"], cwd=ROOT, env=env, stdout=log, stderr=log
+            )
 
     def kill(self) -> None:
         assert self.proc is not None

@@ -10,7 +10,7 @@ import msgspec
 
 from events.model import ServiceRegistered
 from hub.app import make_event_log
-from tests.integration.conftest import HubProcess, eventually, query
+from tests.integration.conftest import HubProcess, eventually, query, query_all
 
 N = 20_000
 
@@ -52,10 +52,11 @@ async def test_sigkill_mid_ingest_loses_and_duplicates_nothing(
 
         hub.start()
         await eventually(lambda: _rows_at_least(pg, N), timeout=180, interval=0.5)
-        reply = await query(nc, "hub.query.services", {"min_seq": max(a.seq for a in acks)},
-                            timeout=30)  # fmt: skip
-        assert reply["success"], reply
-        assert sum(len(s["instances"]) for s in reply["data"]) == N
+        listed = await query_all(
+            nc, "hub.query.services", {"min_seq": max(a.seq for a in acks)}, timeout=30
+        )
+        assert len(listed) == N
+        assert len({i["instance_id"] for i in listed}) == N
     finally:
         hub.stop()
 

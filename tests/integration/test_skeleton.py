@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import msgspec
 
-from tests.integration.conftest import query
+from tests.integration.conftest import query, query_all
 
 REGISTRATIONS = [
     {"service_name": "orders", "instance_id": "orders-1", "host": "10.0.0.5", "port": 8080,
@@ -137,3 +138,39 @@ async def _wait_views(hub) -> None:
 
     seq = hub.progress.ingested_seq
     await eventually(lambda: all(hub.progress.reflects(p.name, seq) for p in hub.projections))
+
+
+async def test_large_registries_are_paged_and_every_page_fits(start_hub, nc):
+    """Queries page by instance with a cursor; pages that would exceed the NATS max
+    payload shrink on their own; following next_cursor lists every instance once."""
+    await start_hub()
+    js = nc.jetstream()
+    big = "m" * 7000  # 200 instances x 7 KB of metadata > the 1 MiB max payload
+    futures = [
+        await js.publish_async(
+            "hub.register",
+            msgspec.json.encode(
+                {
+                    "service_name": f"svc-{i % 7}",
+                    "instance_id": f"i-{i:03d}",
+                    "host": "10.0.0.1",
+                    "port": 1000 + i,
+                    "metadata": {"m": big},
+                }
+            ),
+        )
+        for i in range(200)
+    ]
+    acks = await asyncio.gather(*futures)
+    min_seq = max(a.seq for a in acks)
+    first = await query(nc, "hub.query.services", {"min_seq": min_seq})
+    assert first["success"], first
+    assert first["metadata"]["total_instances"] == 200
+    page = sum(len(s["instances"]) for s in first["data"])
+    assert 0 < page < 200 and first["metadata"]["next_cursor"]
+    listed = await query_all(nc, "hub.query.services", {"limit": 50})
+    assert sorted(i["instance_id"] for i in listed) == [f"i-{i:03d}" for i in range(200)]
+    small = await query_all(nc, "hub.query.services", {"limit": 7, "name": "svc-3"})
+    assert [i["instance_id"] for i in small] == [f"i-{i:03d}" for i in range(3, 200, 7)]
+    bad = await query(nc, "hub.query.services", {"cursor": "no-slash"})
+    assert bad["error_code"] == "INVALID_REQUEST"

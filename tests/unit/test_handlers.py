@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from events.model import HeartbeatReceived, InputRejected, ServiceDeregistered, ServiceRegistered
 from handlers import REACTIONS, RegistryState, fold, react
+from handlers.ledger import SeqLedger
 from handlers.registry import DEREGISTERED
 
 
@@ -99,7 +100,8 @@ def test_fold_tracks_the_ingress_watermark_and_rejections():
         subject="hub.register.acme", reason_code="MALFORMED_JSON", reason="x",
     )  # fmt: skip
     state = fold([registered(1), rej, heartbeat(4)])
-    assert state.last_ingress_seq == 9
+    assert state.ingress.high == 9
+    assert [state.ingress.seen(n) for n in (1, 2, 4, 9)] == [True, False, True, True]
     assert state.rejected == {"acme": 1}
 
 
@@ -114,3 +116,25 @@ def test_every_event_type_has_a_reaction():
     from events.model import EVENT_TYPES
 
     assert set(REACTIONS) == set(EVENT_TYPES)
+
+
+def test_ledger_knows_out_of_order_sequences_exactly():
+    """A re-delivered message below the highest recorded sequence is recorded only if
+    it really was: the ledger is exact, not a high-water mark."""
+    ledger = SeqLedger()
+    for seq in (1, 2, 3, 7, 8):
+        ledger.add(seq)
+    assert (ledger.floor, ledger.above, ledger.high) == (3, {7, 8}, 8)
+    assert not ledger.seen(5)
+    for seq in (4, 5, 6):
+        ledger.add(seq)
+    assert (ledger.floor, ledger.above) == (8, set())
+
+
+def test_ledger_floor_rises_past_sequences_gone_from_the_stream():
+    """Sequences below the stream's first available one are never re-delivered."""
+    ledger = SeqLedger()
+    ledger.add(1)
+    ledger.add(5)
+    ledger.raise_floor(5)
+    assert (ledger.floor, ledger.above) == (5, set())
