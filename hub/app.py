@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -141,7 +142,11 @@ class Hub:
         if self.event_log is not None:
             await self.event_log.close()
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            # Everything that reads has been cancelled; flush what was written (acks,
+            # replies) and close. (drain() waits out pull subscriptions: 30 s.)
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=2)
+            await self.nc.close()
         if self.redis is not None:
             await self.redis.aclose()
         if self.pool is not None:

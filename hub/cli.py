@@ -18,7 +18,7 @@ from hub.config import ConfigError, HubConfig
 from hub.logs import configure
 
 
-async def _serve(config: HubConfig) -> None:
+async def _serve(config: HubConfig, started_message: str | None = None) -> None:
     from hub.app import Hub
 
     hub = Hub(config)
@@ -26,6 +26,8 @@ async def _serve(config: HubConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, hub._stop.set)
     await hub.start()
+    if started_message:
+        print(started_message, flush=True)
     try:
         await hub.wait()
     finally:
@@ -52,14 +54,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
     stack = EmbeddedStack(data, with_kafka=args.kafka)
     print(f"hub dev: starting the embedded stack in {data} ...", flush=True)
     with stack:
-        stack.start()
         for name, where in stack.describe():
-            print(f"  {name:<12} {where}", flush=True)
+            print(f"  {name:<24} {where}", flush=True)
         config = HubConfig.from_env(stack.env())
-        print(f"  event log    {config.event_log}", flush=True)
-        print("hub dev: hub running; Ctrl-C stops everything", flush=True)
+        print(f"  {'event log':<24} {config.event_log}", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(config))
+            asyncio.run(_serve(config, "hub dev: hub running; Ctrl-C stops everything"))
     print("hub dev: stopped", flush=True)
     return 0
 
