@@ -23,6 +23,7 @@ setup: .venv/.synced kafka-jars
 lint: .venv/.synced
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy events handlers hub projections shared
 
 $(UV):
 	$(PYTHON) -m venv .cache/bootstrap

@@ -35,7 +35,7 @@ class Event(msgspec.Struct, tag_field="type", tag=True, kw_only=True, frozen=Tru
     schema: int = SCHEMA_VERSION
 
 
-class ServiceRegistered(Event):
+class ServiceRegistered(Event, frozen=True):
     """An instance of a service announced itself (or re-announced, idempotently)."""
 
     service_name: str
@@ -51,7 +51,7 @@ class ServiceRegistered(Event):
     depends_on: list[str] = []
 
 
-class ServiceDeregistered(Event):
+class ServiceDeregistered(Event, frozen=True):
     """An instance left the registry."""
 
     service_name: str
@@ -59,7 +59,7 @@ class ServiceDeregistered(Event):
     reason: str = "requested"
 
 
-class HeartbeatReceived(Event):
+class HeartbeatReceived(Event, frozen=True):
     """A registered instance proved it is alive and reported its own health."""
 
     service_name: str
@@ -69,7 +69,7 @@ class HeartbeatReceived(Event):
     checks: dict[str, Any] = {}
 
 
-class InputRejected(Event):
+class InputRejected(Event, frozen=True):
     """Ingress input that the hub refused, with the reason (the payload is in the DLQ)."""
 
     subject: str

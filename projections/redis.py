@@ -142,7 +142,7 @@ class RedisRegistryProjection:
                     todo = unseen(records, checkpoint)
                     if not todo:
                         return checkpoint
-                    pipe.multi()
+                    pipe.multi()  # type: ignore[no-untyped-call]
                     for record in todo:
                         await self._queue(pipe, record)
                     new = advance(checkpoint, todo)

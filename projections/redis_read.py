@@ -50,11 +50,16 @@ async def read_services(
     r: aioredis.Redis, tenant: str, *, name: str | None = None
 ) -> list[dict[str, Any]]:
     """Live services of a tenant (or the one named), each with all its instances."""
-    names = [name] if name is not None else sorted(await r.smembers(services_key(tenant)))
+    if name is not None:
+        names = [name]
+    else:
+        # The client decodes responses (decode_responses=True): members are str.
+        members_of: set[str] = await r.smembers(services_key(tenant))  # type: ignore[assignment]
+        names = sorted(members_of)
     async with r.pipeline(transaction=False) as pipe:
         for svc in names:
             pipe.smembers(service_key(tenant, svc))
-        members = await pipe.execute()
+        members: list[set[str]] = await pipe.execute()
     wanted = [(svc, sorted(ids)) for svc, ids in zip(names, members, strict=True) if ids]
     async with r.pipeline(transaction=False) as pipe:
         for svc, ids in wanted:
