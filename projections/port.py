@@ -29,3 +29,7 @@ class Projection(Protocol):
     async def apply(self, records: Sequence[LogRecord]) -> Positions:
         """Apply records not yet covered; returns the new checkpoint."""
         ...
+
+
+class ViewMismatch(RuntimeError):
+    """A rebuilt view does not equal the fold of the log it was built from."""

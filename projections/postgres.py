@@ -1,62 +1,70 @@
 """PostgreSQL projection of the registry: ``service_registry`` and ``input_rejections``.
 
+A batch is applied by folding its events over the rows they touch (read in one
+query) with the same pure ``evolve`` as the hub, then writing each changed row
+once (multi-row upsert) — many heartbeats of one instance become one write, and
+the result is by construction what applying the events one by one gives.
 Rows and the checkpoint are written in one transaction; records the checkpoint
-already covers are skipped, so applying a batch twice changes nothing.
+already covers are skipped.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 
 import asyncpg
 
 from events.log import LogRecord, Positions, advance, unseen
 from events.model import HeartbeatReceived, InputRejected, ServiceDeregistered, ServiceRegistered
+from handlers.registry import InstanceKey, RegistryState, evolve
+from projections.port import ViewMismatch
+from projections.render import (
+    REGISTRY_COLUMNS,
+    REJECTION_COLUMNS,
+    ViewState,
+    canonical_pg,
+    differences,
+    expected_pg,
+    instance_from_pg,
+    pg_registry_row,
+    pg_rejection_row,
+    row_id,
+)
 from projections.schema import migrate
 
-_REGISTER = """
-INSERT INTO service_registry AS r (
-    id, tenant_id, service_name, instance_id, host, port, protocol, health_endpoint, version,
-    metadata, status, registered_at, last_seen, transport_preferences, heartbeat_interval_s,
-    depends_on)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, 'healthy', $11, $11, $12::jsonb, $13,
-        $14::jsonb)
-ON CONFLICT (id) DO UPDATE SET
-    host = EXCLUDED.host, port = EXCLUDED.port, protocol = EXCLUDED.protocol,
-    health_endpoint = EXCLUDED.health_endpoint, version = EXCLUDED.version,
-    metadata = EXCLUDED.metadata, transport_preferences = EXCLUDED.transport_preferences,
-    heartbeat_interval_s = EXCLUDED.heartbeat_interval_s, depends_on = EXCLUDED.depends_on,
-    status = 'healthy',
-    registered_at = CASE WHEN r.status = 'deregistered' THEN EXCLUDED.registered_at
-                         ELSE r.registered_at END,
-    last_seen = CASE WHEN r.status = 'deregistered' THEN EXCLUDED.last_seen
-                     ELSE greatest(r.last_seen, EXCLUDED.last_seen) END,
-    load = CASE WHEN r.status = 'deregistered' THEN NULL ELSE r.load END
-"""
-_HEARTBEAT = """
-UPDATE service_registry SET status = $2, last_seen = greatest(last_seen, $3), load = $4
-WHERE id = $1 AND status <> 'deregistered'
-"""
-_DEREGISTER = "UPDATE service_registry SET status = 'deregistered' WHERE id = $1"
-_REJECTED = """
-INSERT INTO input_rejections (event_id, tenant_id, ingress_seq, subject, reason_code, reason,
-                              excerpt, ts)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (event_id) DO NOTHING
-"""
+_TYPES = {
+    "port": "integer", "registered_at": "timestamptz", "last_seen": "timestamptz",
+    "contract_validated": "boolean", "heartbeat_interval_s": "double precision",
+    "load": "double precision", "metadata": "jsonb", "transport_preferences": "jsonb",
+    "depends_on": "jsonb",
+}  # fmt: skip
+_UPSERT = (
+    f"INSERT INTO service_registry ({', '.join(REGISTRY_COLUMNS)}) SELECT "
+    + ", ".join(
+        f"c{i}::{_TYPES.get(c, 'text')}" if _TYPES.get(c) == "jsonb" else f"c{i}"
+        for i, c in enumerate(REGISTRY_COLUMNS)
+    )
+    + " FROM unnest("
+    + ", ".join(
+        f"${i + 1}::{'text' if _TYPES.get(c) == 'jsonb' else _TYPES.get(c, 'text')}[]"
+        for i, c in enumerate(REGISTRY_COLUMNS)
+    )
+    + ") AS u("
+    + ", ".join(f"c{i}" for i in range(len(REGISTRY_COLUMNS)))
+    + ") ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in REGISTRY_COLUMNS[1:])
+)
+_REJECTED = (
+    f"INSERT INTO input_rejections ({', '.join(REJECTION_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(REJECTION_COLUMNS)))}) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
 _CHECKPOINT = """
 INSERT INTO projection_checkpoints (projection, partition, position) VALUES ($1, $2, $3)
 ON CONFLICT (projection, partition) DO UPDATE SET position = EXCLUDED.position, updated_at = now()
 """
-
-
-def ts(seconds: float) -> datetime:
-    return datetime.fromtimestamp(seconds, UTC)
-
-
-def row_id(tenant: str, service: str, instance: str) -> str:
-    return f"{tenant}/{service}/{instance}"
+TABLES = {"service_registry": ("id", REGISTRY_COLUMNS), "input_rejections": ("event_id",
+          REJECTION_COLUMNS)}  # fmt: skip
 
 
 class PostgresRegistryProjection:
@@ -79,8 +87,7 @@ class PostgresRegistryProjection:
 
     async def apply(self, records: Sequence[LogRecord]) -> Positions:
         async with self._pool.acquire() as conn, conn.transaction():
-            # The checkpoint is read inside the transaction, under a row lock, so two
-            # writers of the same projection cannot both apply the same records.
+            # Read under a row lock: two writers of one projection cannot both apply.
             rows = await conn.fetch(
                 "SELECT partition, position FROM projection_checkpoints"
                 " WHERE projection = $1 FOR UPDATE",
@@ -90,58 +97,99 @@ class PostgresRegistryProjection:
             todo = unseen(records, checkpoint)
             if not todo:
                 return checkpoint
-            for record in todo:
-                await self._apply_one(conn, record)
+            await self._write(conn, todo)
             new = advance(checkpoint, todo)
             await conn.executemany(
-                _CHECKPOINT,
-                [(self.name, p, n) for p, n in new.items() if n != checkpoint.get(p)],
+                _CHECKPOINT, [(self.name, p, n) for p, n in new.items() if n != checkpoint.get(p)]
             )
             return new
 
     @staticmethod
-    async def _apply_one(conn: asyncpg.Connection, record: LogRecord) -> None:
-        e = record.event
-        match e:
-            case ServiceRegistered():
-                await conn.execute(
-                    _REGISTER,
-                    row_id(e.tenant, e.service_name, e.instance_id),
-                    e.tenant,
-                    e.service_name,
-                    e.instance_id,
-                    e.host,
-                    e.port,
-                    e.protocol,
-                    e.health_endpoint,
-                    e.version,
-                    json.dumps(e.metadata, sort_keys=True),
-                    ts(e.ts),
-                    json.dumps(e.transport_preferences),
-                    e.heartbeat_interval_s,
-                    json.dumps(e.depends_on),
+    async def _write(conn: asyncpg.Connection, todo: Sequence[LogRecord]) -> None:
+        touched: set[InstanceKey] = set()
+        rejections: list[InputRejected] = []
+        for r in todo:
+            e = r.event
+            if isinstance(e, ServiceRegistered | HeartbeatReceived | ServiceDeregistered):
+                touched.add((e.tenant, e.service_name, e.instance_id))
+            elif isinstance(e, InputRejected):
+                rejections.append(e)
+        if touched:
+            existing = await conn.fetch(
+                "SELECT * FROM service_registry WHERE id = ANY($1::text[])",
+                [row_id(*k) for k in touched],
+            )
+            state = RegistryState()
+            for row in existing:
+                inst = instance_from_pg(row)
+                state.instances[(inst.tenant, inst.service_name, inst.instance_id)] = inst
+            for r in todo:
+                evolve(state, r.event)
+            changed = [pg_registry_row(state.instances[k]) for k in touched
+                       if k in state.instances]  # fmt: skip
+            if changed:
+                await conn.execute(_UPSERT, *map(list, zip(*changed, strict=True)))
+        if rejections:
+            await conn.executemany(_REJECTED, [pg_rejection_row(e) for e in rejections])
+
+    # --- verify and rebuild ----------------------------------------------------------
+
+    async def snapshot(self) -> tuple[Positions, dict[str, str]]:
+        """The checkpoint and every row, canonical, read in one consistent snapshot."""
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            checkpoint = {
+                r["partition"]: r["position"]
+                for r in await conn.fetch(
+                    "SELECT partition, position FROM projection_checkpoints WHERE projection = $1",
+                    self.name,
                 )
-            case HeartbeatReceived():
+            }
+            return checkpoint, await self._canonical(conn, "")
+
+    @staticmethod
+    async def _canonical(conn: asyncpg.Connection, suffix: str) -> dict[str, str]:
+        lines: dict[str, str] = {}
+        for table, (key, columns) in TABLES.items():
+            for row in await conn.fetch(f"SELECT {', '.join(columns)} FROM {table}{suffix}"):
+                lines[f"{table}/{row[key]}"] = canonical_pg(table, columns, tuple(row))
+        return lines
+
+    async def rebuild(self, view: ViewState, positions: Positions) -> None:
+        """Build the view of ``view`` (the fold up to ``positions``) in shadow tables,
+        check it equals the fold, then swap it in atomically with its checkpoint.
+        Readers see the old view until the swap commits."""
+        suffix = "__replay"
+        async with self._pool.acquire() as conn:
+            for table in TABLES:
+                await conn.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
+                await conn.execute(f"CREATE TABLE {table}{suffix} (LIKE {table} INCLUDING ALL)")
+            registry = [pg_registry_row(i) for i in view.registry.instances.values()]
+            await conn.copy_records_to_table(
+                f"service_registry{suffix}", records=registry, columns=REGISTRY_COLUMNS
+            )
+            rejected = [pg_rejection_row(e) for e in view.rejections.values()]
+            await conn.copy_records_to_table(
+                f"input_rejections{suffix}", records=rejected, columns=REJECTION_COLUMNS
+            )
+            problems = differences(expected_pg(view), await self._canonical(conn, suffix))
+            if problems:
+                raise ViewMismatch("\n".join(problems[:20]))
+            async with conn.transaction():
+                for table, (_, columns) in TABLES.items():
+                    await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                    await conn.execute(f"TRUNCATE {table}")
+                    cols = ", ".join(columns)
+                    await conn.execute(
+                        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {table}{suffix}"
+                    )
                 await conn.execute(
-                    _HEARTBEAT,
-                    row_id(e.tenant, e.service_name, e.instance_id),
-                    e.status,
-                    ts(e.ts),
-                    e.load,
+                    "DELETE FROM projection_checkpoints WHERE projection = $1", self.name
                 )
-            case ServiceDeregistered():
-                await conn.execute(_DEREGISTER, row_id(e.tenant, e.service_name, e.instance_id))
-            case InputRejected():
-                await conn.execute(
-                    _REJECTED,
-                    e.event_id,
-                    e.tenant,
-                    e.ingress_seq,
-                    e.subject,
-                    e.reason_code,
-                    e.reason,
-                    e.excerpt,
-                    ts(e.ts),
+                await conn.executemany(
+                    _CHECKPOINT, [(self.name, p, n) for p, n in positions.items()]
                 )
-            case _:
-                pass
+            for table in TABLES:
+                await conn.execute(f"DROP TABLE {table}{suffix}")

@@ -6,19 +6,19 @@ Keys (``<t>`` = tenant):
 * ``hub:<t>:svc:<service>``             SET of the service's live instance ids
 * ``hub:<t>:inst:<service>:<instance>`` HASH of one live instance
 * ``hub:<t>:stats``                     HASH of counters (``rejected``, ``rejected:<code>``)
-* ``hub:_meta:tenants``                 SET of tenants seen
+* ``hub:_meta:tenants``                 SET of tenants that ever registered an instance
 * ``hub:_meta:checkpoint:<projection>`` HASH partition -> next position
 
-A batch's effects and its checkpoint go in one MULTI/EXEC, guarded by WATCH on
-the checkpoint key; each event's effect is a small Lua script that declares all
-its keys (DragonflyDB requires that). Numbers are written as Python renders them
-and only compared in Lua, so the bytes of the view are deterministic.
+A batch is folded over the instances it touches (read in one pipeline) with the
+same pure ``evolve`` as the hub; each touched key is then written once. Effects
+and checkpoint go in one MULTI/EXEC guarded by WATCH on the checkpoint key, so
+a second writer of the same projection makes this one retry, never double-apply.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -26,8 +26,20 @@ from redis.exceptions import WatchError
 
 from events.log import LogRecord, Positions, advance, unseen
 from events.model import HeartbeatReceived, InputRejected, ServiceDeregistered, ServiceRegistered
+from handlers.registry import InstanceKey, RegistryState, evolve
+from projections.port import ViewMismatch
+from projections.render import (
+    RedisValue,
+    ViewState,
+    canonical_redis,
+    differences,
+    expected_redis,
+    instance_from_redis,
+    redis_instance_hash,
+)
 
 TENANTS_KEY = "hub:_meta:tenants"
+SHADOW = "hubreplay"
 
 
 def services_key(tenant: str) -> str:
@@ -50,85 +62,26 @@ def checkpoint_key(projection: str) -> str:
     return f"hub:_meta:checkpoint:{projection}"
 
 
-def num(value: float) -> str:
-    """The one rendering of a number in the view."""
-    return repr(float(value))
+Write = Callable[[Any], Any]
 
 
-_REGISTER = """
-local existed = redis.call('EXISTS', KEYS[1]) == 1
-local ts = ARGV[1]
-local registered_at = ts
-local last_seen = ts
-if existed then
-  registered_at = redis.call('HGET', KEYS[1], 'registered_at') or ts
-  local old = redis.call('HGET', KEYS[1], 'last_seen')
-  if old and tonumber(old) > tonumber(ts) then last_seen = old end
-else
-  redis.call('HDEL', KEYS[1], 'load')
-end
-local fields = cjson.decode(ARGV[2])
-for i = 1, #fields, 2 do redis.call('HSET', KEYS[1], fields[i], fields[i + 1]) end
-redis.call('HSET', KEYS[1], 'status', 'healthy', 'registered_at', registered_at,
-           'last_seen', last_seen)
-redis.call('SADD', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[4])
-redis.call('SADD', KEYS[4], ARGV[5])
-return 1
-"""
-
-_HEARTBEAT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1])
-local old = redis.call('HGET', KEYS[1], 'last_seen')
-if not old or tonumber(old) < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'last_seen', ARGV[2])
-end
-if ARGV[3] == '' then redis.call('HDEL', KEYS[1], 'load')
-else redis.call('HSET', KEYS[1], 'load', ARGV[3]) end
-return 1
-"""
-
-_DEREGISTER = """
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-if redis.call('SCARD', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
-return 1
-"""
-
-
-def instance_fields(e: ServiceRegistered) -> list[str]:
-    """The hash fields a registration sets (besides status and the timestamps)."""
-    return [
-        "service_name", e.service_name,
-        "instance_id", e.instance_id,
-        "host", e.host,
-        "port", str(e.port),
-        "protocol", e.protocol,
-        "version", e.version,
-        "health_endpoint", e.health_endpoint,
-        "metadata", json.dumps(e.metadata, sort_keys=True),
-        "transport_preferences", json.dumps(e.transport_preferences),
-        "heartbeat_interval_s", num(e.heartbeat_interval_s),
-        "depends_on", json.dumps(e.depends_on),
-    ]  # fmt: skip
+def cmd(command: str, *args: Any, **kwargs: Any) -> Write:
+    """A Redis command to queue on a pipeline later."""
+    return lambda pipe: getattr(pipe, command)(*args, **kwargs)
 
 
 class RedisRegistryProjection:
-    """The live registry view in a Redis-protocol server."""
+    """The live registry view in a Redis-protocol server (client with decode_responses)."""
 
     def __init__(self, client: aioredis.Redis, *, name: str = "redis-registry") -> None:
         self._r = client
         self.name = name
-        self._register = client.register_script(_REGISTER)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._deregister = client.register_script(_DEREGISTER)
 
     async def setup(self) -> None:
         return None
 
     async def checkpoint(self) -> Positions:
-        raw = await self._r.hgetall(checkpoint_key(self.name))
+        raw = await self._r.hgetall(checkpoint_key(self.name))  # type: ignore[misc]
         return {int(k): int(v) for k, v in raw.items()}
 
     async def apply(self, records: Sequence[LogRecord]) -> Positions:
@@ -142,9 +95,10 @@ class RedisRegistryProjection:
                     todo = unseen(records, checkpoint)
                     if not todo:
                         return checkpoint
+                    writes = await self._plan(todo)
                     pipe.multi()  # type: ignore[no-untyped-call]
-                    for record in todo:
-                        await self._queue(pipe, record)
+                    for write in writes:
+                        write(pipe)
                     new = advance(checkpoint, todo)
                     pipe.hset(ckey, mapping={str(p): str(n) for p, n in new.items()})
                     await pipe.execute()
@@ -152,44 +106,118 @@ class RedisRegistryProjection:
                 except WatchError:
                     continue
 
-    async def _queue(self, pipe: Any, record: LogRecord) -> None:
-        e = record.event
-        match e:
-            case ServiceRegistered():
-                await self._register(
-                    keys=[
-                        instance_key(e.tenant, e.service_name, e.instance_id),
-                        service_key(e.tenant, e.service_name),
-                        services_key(e.tenant),
-                        TENANTS_KEY,
-                    ],
-                    args=[
-                        num(e.ts),
-                        json.dumps(instance_fields(e)),
-                        e.instance_id,
-                        e.service_name,
-                        e.tenant,
-                    ],
-                    client=pipe,
-                )
-            case HeartbeatReceived():
-                await self._heartbeat(
-                    keys=[instance_key(e.tenant, e.service_name, e.instance_id)],
-                    args=[e.status, num(e.ts), "" if e.load is None else num(e.load)],
-                    client=pipe,
-                )
-            case ServiceDeregistered():
-                await self._deregister(
-                    keys=[
-                        instance_key(e.tenant, e.service_name, e.instance_id),
-                        service_key(e.tenant, e.service_name),
-                        services_key(e.tenant),
-                    ],
-                    args=[e.instance_id, e.service_name],
-                    client=pipe,
-                )
-            case InputRejected():
-                pipe.hincrby(stats_key(e.tenant), "rejected", 1)
-                pipe.hincrby(stats_key(e.tenant), f"rejected:{e.reason_code}", 1)
-            case _:
-                pass
+    async def _plan(self, todo: Sequence[LogRecord]) -> list[Write]:
+        """Fold the batch over the keys it touches; the commands that write the result."""
+        touched: set[InstanceKey] = set()
+        stats: Counter[tuple[str, str]] = Counter()
+        tenants: set[str] = set()
+        for r in todo:
+            e = r.event
+            if isinstance(e, ServiceRegistered | HeartbeatReceived | ServiceDeregistered):
+                touched.add((e.tenant, e.service_name, e.instance_id))
+                if isinstance(e, ServiceRegistered):
+                    tenants.add(e.tenant)
+            elif isinstance(e, InputRejected):
+                stats[(e.tenant, "rejected")] += 1
+                stats[(e.tenant, f"rejected:{e.reason_code}")] += 1
+        keys = sorted(touched)
+        services = sorted({(t, s) for t, s, _ in keys})
+        async with self._r.pipeline(transaction=False) as read:
+            for k in keys:
+                read.hgetall(instance_key(*k))
+            for t, s in services:
+                read.smembers(service_key(t, s))
+            found = await read.execute()
+        state = RegistryState()
+        for k, h in zip(keys, found[: len(keys)], strict=True):
+            if h:
+                state.instances[k] = instance_from_redis(k[0], h)
+        members = {ts: set(m) for ts, m in zip(services, found[len(keys) :], strict=True)}
+        for r in todo:
+            evolve(state, r.event)
+        writes: list[Write] = []
+        for k in keys:
+            inst = state.instances.get(k)
+            key = instance_key(*k)
+            writes.append(cmd("delete", key))
+            if inst is not None and inst.live:
+                writes.append(cmd("hset", key, mapping=redis_instance_hash(inst)))
+                members[(k[0], k[1])].add(k[2])
+            else:
+                members[(k[0], k[1])].discard(k[2])
+        for (t, s), ids in members.items():
+            writes.append(cmd("delete", service_key(t, s)))
+            if ids:
+                writes.append(cmd("sadd", service_key(t, s), *sorted(ids)))
+                writes.append(cmd("sadd", services_key(t), s))
+            else:
+                writes.append(cmd("srem", services_key(t), s))
+        if tenants:
+            writes.append(cmd("sadd", TENANTS_KEY, *sorted(tenants)))
+        for (t, field), n in sorted(stats.items()):
+            writes.append(cmd("hincrby", stats_key(t), field, n))
+        return writes
+
+    # --- verify and rebuild ----------------------------------------------------------
+
+    async def _read_keys(self, prefix: str) -> dict[str, RedisValue]:
+        names = [
+            k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
+            if not k.startswith(f"{prefix}:_meta:checkpoint:")
+        ]  # fmt: skip
+        async with self._r.pipeline(transaction=False) as pipe:
+            for k in names:
+                pipe.type(k)
+            types = await pipe.execute()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for k, t in zip(names, types, strict=True):
+                pipe.hgetall(k) if t == "hash" else pipe.smembers(k)
+            values = await pipe.execute()
+        return {
+            k: (v if t == "hash" else frozenset(v))
+            for k, t, v in zip(names, types, values, strict=True)
+        }
+
+    async def snapshot(self) -> tuple[Positions, dict[str, str]]:
+        """The checkpoint and every key, canonical; re-read if a write came in between."""
+        while True:
+            before = await self.checkpoint()
+            keys = await self._read_keys("hub")
+            if await self.checkpoint() == before:
+                return before, {k: canonical_redis(k, v) for k, v in keys.items()}
+
+    async def rebuild(self, view: ViewState, positions: Positions) -> None:
+        """Write the fold into a shadow keyspace, check it, then swap it in with one
+        MULTI/EXEC (old keys deleted, shadow keys renamed, checkpoint set)."""
+        stale = [k async for k in self._r.scan_iter(match=f"{SHADOW}:*", count=1000)]
+        if stale:
+            await self._r.delete(*stale)
+        expected = expected_redis(view, prefix=SHADOW)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key, value in expected.items():
+                if isinstance(value, dict):
+                    pipe.hset(key, mapping=value)
+                else:
+                    pipe.sadd(key, *sorted(value))
+            await pipe.execute()
+        written = await self._read_keys(SHADOW)
+        problems = differences(
+            {k: canonical_redis(k, v, SHADOW) for k, v in expected.items()},
+            {k: canonical_redis(k, v, SHADOW) for k, v in written.items()},
+        )
+        if problems:
+            raise ViewMismatch("\n".join(problems[:20]))
+        ckey = checkpoint_key(self.name)
+        live = [k async for k in self._r.scan_iter(match="hub:*", count=1000)
+                if not k.startswith("hub:_meta:checkpoint:")]  # fmt: skip
+        async with self._r.pipeline(transaction=True) as pipe:
+            renamed = {"hub" + k[len(SHADOW) :] for k in expected}
+            gone = [k for k in live if k not in renamed]
+            if gone:
+                pipe.delete(*gone)
+            for k in expected:
+                pipe.rename(k, "hub" + k[len(SHADOW) :])
+            pipe.delete(ckey)
+            if positions:
+                pipe.hset(ckey, mapping={str(p): str(n) for p, n in positions.items()})
+            await pipe.execute()

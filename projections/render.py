@@ -1,0 +1,239 @@
+"""How the fold of the log looks in each view (pure): the one rendering of a row or key.
+
+The projections write exactly these renderings, and ``hub verify`` compares a
+view with the rendering of the pure fold, so "the view equals the fold" is a
+byte-for-byte statement.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from events.model import Event, InputRejected
+from handlers.registry import Instance, RegistryState, evolve
+
+CHECKPOINT_PREFIX = "_meta:checkpoint:"
+
+
+def ts(seconds: float) -> datetime:
+    """Event time as PostgreSQL stores it (microsecond resolution)."""
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def num(value: float) -> str:
+    """The one rendering of a number in the Redis view."""
+    return repr(float(value))
+
+
+def row_id(tenant: str, service: str, instance: str) -> str:
+    return f"{tenant}/{service}/{instance}"
+
+
+# --- the fold the views are checked against --------------------------------------
+
+
+@dataclass
+class ViewState:
+    """The registry fold plus what only the views keep (every rejection)."""
+
+    registry: RegistryState = field(default_factory=RegistryState)
+    rejections: dict[str, InputRejected] = field(default_factory=dict)
+
+    def apply(self, event: Event) -> None:
+        evolve(self.registry, event)
+        if isinstance(event, InputRejected):
+            self.rejections[event.event_id] = event
+
+
+def fold_view(events: Iterable[Event]) -> ViewState:
+    view = ViewState()
+    for e in events:
+        view.apply(e)
+    return view
+
+
+# --- PostgreSQL --------------------------------------------------------------------
+
+REGISTRY_COLUMNS = (
+    "id", "tenant_id", "service_name", "instance_id", "host", "port", "protocol",
+    "health_endpoint", "version", "metadata", "status", "registered_at", "last_seen",
+    "transport_preferences", "contract_validated", "heartbeat_interval_s", "depends_on", "load",
+)  # fmt: skip
+REJECTION_COLUMNS = (
+    "event_id", "tenant_id", "ingress_seq", "subject", "reason_code", "reason", "excerpt", "ts",
+)  # fmt: skip
+
+
+def pg_registry_row(inst: Instance) -> tuple[Any, ...]:
+    """One ``service_registry`` row, in REGISTRY_COLUMNS order (jsonb as JSON text)."""
+    return (
+        row_id(inst.tenant, inst.service_name, inst.instance_id), inst.tenant,
+        inst.service_name, inst.instance_id, inst.host, inst.port, inst.protocol,
+        inst.health_endpoint, inst.version, json.dumps(inst.metadata, sort_keys=True),
+        inst.status, ts(inst.registered_at), ts(inst.last_seen),
+        json.dumps(inst.transport_preferences), False, inst.heartbeat_interval_s,
+        json.dumps(inst.depends_on), inst.load,
+    )  # fmt: skip
+
+
+def instance_from_pg(row: Mapping[str, Any]) -> Instance:
+    """The fold's Instance back from a ``service_registry`` row."""
+    return Instance(
+        tenant=row["tenant_id"], service_name=row["service_name"],
+        instance_id=row["instance_id"], host=row["host"], port=row["port"],
+        protocol=row["protocol"], health_endpoint=row["health_endpoint"],
+        version=row["version"], metadata=json.loads(row["metadata"]),
+        transport_preferences=json.loads(row["transport_preferences"]),
+        heartbeat_interval_s=row["heartbeat_interval_s"],
+        depends_on=json.loads(row["depends_on"]), status=row["status"],
+        registered_at=row["registered_at"].timestamp(), last_seen=row["last_seen"].timestamp(),
+        load=row["load"],
+    )  # fmt: skip
+
+
+def pg_rejection_row(e: InputRejected) -> tuple[Any, ...]:
+    return (e.event_id, e.tenant, e.ingress_seq, e.subject, e.reason_code, e.reason,
+            e.excerpt, ts(e.ts))  # fmt: skip
+
+
+JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on"})
+
+
+def canonical_pg(table: str, columns: Iterable[str], row: Iterable[Any]) -> str:
+    """A row as one canonical line: jsonb columns parsed, times in ISO 8601 UTC."""
+    out = []
+    for column, value in zip(columns, row, strict=True):
+        if isinstance(value, datetime):
+            out.append(value.astimezone(UTC).isoformat())
+        elif column in JSONB_COLUMNS and isinstance(value, str):
+            out.append(json.loads(value))
+        else:
+            out.append(value)
+    return table + " " + json.dumps(out, sort_keys=True)
+
+
+def expected_pg(view: ViewState) -> dict[str, str]:
+    """The rows the PostgreSQL view must hold: ``{table/primary key: canonical line}``."""
+    rows: dict[str, str] = {}
+    for inst in view.registry.instances.values():
+        row = pg_registry_row(inst)
+        rows[f"service_registry/{row[0]}"] = canonical_pg("service_registry", REGISTRY_COLUMNS, row)
+    for e in view.rejections.values():
+        rows[f"input_rejections/{e.event_id}"] = canonical_pg(
+            "input_rejections", REJECTION_COLUMNS, pg_rejection_row(e)
+        )
+    return rows
+
+
+# --- Redis ---------------------------------------------------------------------------
+
+
+def redis_instance_hash(inst: Instance) -> dict[str, str]:
+    h = {
+        "service_name": inst.service_name,
+        "instance_id": inst.instance_id,
+        "host": inst.host,
+        "port": str(inst.port),
+        "protocol": inst.protocol,
+        "version": inst.version,
+        "health_endpoint": inst.health_endpoint,
+        "metadata": json.dumps(inst.metadata, sort_keys=True),
+        "transport_preferences": json.dumps(inst.transport_preferences),
+        "heartbeat_interval_s": num(inst.heartbeat_interval_s),
+        "depends_on": json.dumps(inst.depends_on),
+        "status": inst.status,
+        "registered_at": num(inst.registered_at),
+        "last_seen": num(inst.last_seen),
+    }
+    if inst.load is not None:
+        h["load"] = num(inst.load)
+    return h
+
+
+def instance_from_redis(tenant: str, h: Mapping[str, str]) -> Instance:
+    return Instance(
+        tenant=tenant, service_name=h["service_name"], instance_id=h["instance_id"],
+        host=h["host"], port=int(h["port"]), protocol=h["protocol"],
+        health_endpoint=h["health_endpoint"], version=h["version"],
+        metadata=json.loads(h["metadata"]),
+        transport_preferences=json.loads(h["transport_preferences"]),
+        heartbeat_interval_s=float(h["heartbeat_interval_s"]),
+        depends_on=json.loads(h["depends_on"]), status=h["status"],
+        registered_at=float(h["registered_at"]), last_seen=float(h["last_seen"]),
+        load=float(h["load"]) if "load" in h else None,
+    )  # fmt: skip
+
+
+RedisValue = dict[str, str] | frozenset[str]
+
+
+def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue]:
+    """Every key the Redis view must hold (checkpoints aside), with its value."""
+    keys: dict[str, RedisValue] = {}
+    services: dict[str, set[str]] = {}
+    members: dict[tuple[str, str], set[str]] = {}
+    tenants: set[str] = set()
+    for inst in view.registry.instances.values():
+        tenants.add(inst.tenant)
+        if not inst.live:
+            continue
+        t, s, i = inst.tenant, inst.service_name, inst.instance_id
+        keys[f"{prefix}:{t}:inst:{s}:{i}"] = redis_instance_hash(inst)
+        members.setdefault((t, s), set()).add(i)
+        services.setdefault(t, set()).add(s)
+    for (t, s), ids in members.items():
+        keys[f"{prefix}:{t}:svc:{s}"] = frozenset(ids)
+    for t, names in services.items():
+        keys[f"{prefix}:{t}:services"] = frozenset(names)
+    if tenants:
+        keys[f"{prefix}:_meta:tenants"] = frozenset(tenants)
+    stats: dict[str, dict[str, int]] = {}
+    for e in view.rejections.values():
+        counts = stats.setdefault(e.tenant, {})
+        counts["rejected"] = counts.get("rejected", 0) + 1
+        code = f"rejected:{e.reason_code}"
+        counts[code] = counts.get(code, 0) + 1
+    for t, counts in stats.items():
+        keys[f"{prefix}:{t}:stats"] = {k: str(v) for k, v in counts.items()}
+    return keys
+
+
+def canonical_redis(key: str, value: RedisValue, prefix: str = "hub") -> str:
+    """A key and its value as one canonical line (the prefix normalised to ``hub``)."""
+    name = "hub" + key[len(prefix) :]
+    if isinstance(value, dict):
+        return name + " hash " + json.dumps(value, sort_keys=True)
+    return name + " set " + json.dumps(sorted(value))
+
+
+# --- checksums -----------------------------------------------------------------------
+
+
+def checksum(lines: Mapping[str, str]) -> str:
+    """SHA-256 over the canonical lines, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(lines):
+        h.update(lines[key].encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def differences(expected: Mapping[str, str], actual: Mapping[str, str]) -> list[str]:
+    """Human-readable differences between two canonical renderings (sorted by key)."""
+    out = []
+    for key in sorted(set(expected) | set(actual)):
+        e, a = expected.get(key), actual.get(key)
+        if e == a:
+            continue
+        if a is None:
+            out.append(f"missing  {key}: expected {e}")
+        elif e is None:
+            out.append(f"extra    {key}: {a}")
+        else:
+            out.append(f"differs  {key}:\n    expected {e}\n    actual   {a}")
+    return out
