@@ -31,11 +31,13 @@ from projections.redis import RedisRegistryProjection
 log = structlog.get_logger(__name__)
 
 
-def make_event_log(config: HubConfig, nc: Client) -> EventLog:
+def make_event_log(config: HubConfig, nc: Client | None, *, read_only: bool = False) -> EventLog:
+    """The configured event log; ``read_only`` for tools that must not append."""
     if config.event_log == "kafka":
-        return KafkaEventLog(
-            config.kafka_brokers, config.kafka_topic, partitions=config.kafka_partitions
-        )
+        return KafkaEventLog(config.kafka_brokers, config.kafka_topic,
+                             partitions=config.kafka_partitions, read_only=read_only)  # fmt: skip
+    if nc is None:
+        raise ValueError("the JetStream event log needs a NATS connection")
     return JetStreamEventLog(nc)
 
 

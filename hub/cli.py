@@ -1,6 +1,7 @@
 """The ``hub`` command line.
 
 * ``hub run``  — the hub, configured from the environment (twelve-factor).
+* ``hub replay`` / ``hub verify`` — rebuild the views from the log / check them.
 * ``hub dev``  — the embedded stack (NATS+JetStream, PostgreSQL, a Redis-protocol
   server; Kafka with ``--kafka``) on loopback, plus the hub; Ctrl-C stops all.
 """
@@ -64,6 +65,64 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_or_exit() -> HubConfig | None:
+    try:
+        return HubConfig.from_env()
+    except ConfigError as exc:
+        print(f"hub: configuration error: {exc}", file=sys.stderr)
+        return None
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from hub.replay import VIEWS, Connections, replay
+
+    config = _config_or_exit()
+    if config is None:
+        return 2
+    configure(config.log_format)
+    views = VIEWS if args.view == "all" else (args.view,)
+
+    async def run() -> None:
+        conn = await Connections.open(config)
+        try:
+            positions = await replay(conn, views)
+        finally:
+            await conn.close()
+        print(f"hub replay: rebuilt {', '.join(views)} from the {config.event_log} log "
+              f"up to {positions}")  # fmt: skip
+
+    asyncio.run(run())
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from hub.replay import VIEWS, Connections, verify
+
+    config = _config_or_exit()
+    if config is None:
+        return 2
+    configure(config.log_format)
+    views = VIEWS if args.view == "all" else (args.view,)
+
+    async def run() -> bool:
+        conn = await Connections.open(config)
+        try:
+            reports = await verify(conn, views)
+        finally:
+            await conn.close()
+        for r in reports:
+            verdict = "OK" if r.ok else "MISMATCH"
+            print(f"{r.name:<9} {verdict:<8} view {r.view_checksum}  log {r.log_checksum}  "
+                  f"checkpoint {r.checkpoint}")  # fmt: skip
+            for line in r.problems[: args.max_problems]:
+                print("  " + line)
+            if len(r.problems) > args.max_problems:
+                print(f"  ... and {len(r.problems) - args.max_problems} more")
+        return all(r.ok for r in reports)
+
+    return 0 if asyncio.run(run()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hub", description="Central Hub coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=".data/dev", help="data folder (default: .data/dev)")
     p.add_argument("--kafka", action="store_true", help="also start Kafka and use it as the log")
     p.set_defaults(func=cmd_dev)
+    for name, func, text in (
+        ("replay", cmd_replay, "rebuild views from the start of the event log (shadow + swap)"),
+        ("verify", cmd_verify, "check views against the fold of the event log (exit 0/1)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--view", choices=["all", "postgres", "redis"], default="all")
+        p.set_defaults(func=func)
+        if name == "verify":
+            p.add_argument("--max-problems", type=int, default=20)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

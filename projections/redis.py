@@ -81,7 +81,7 @@ class RedisRegistryProjection:
         return None
 
     async def checkpoint(self) -> Positions:
-        raw = await self._r.hgetall(checkpoint_key(self.name))  # type: ignore[misc]
+        raw = await self._r.hgetall(checkpoint_key(self.name))
         return {int(k): int(v) for k, v in raw.items()}
 
     async def apply(self, records: Sequence[LogRecord]) -> Positions:
@@ -196,7 +196,7 @@ class RedisRegistryProjection:
         async with self._r.pipeline(transaction=False) as pipe:
             for key, value in expected.items():
                 if isinstance(value, dict):
-                    pipe.hset(key, mapping=value)
+                    pipe.hset(key, mapping=dict(value.items()))
                 else:
                     pipe.sadd(key, *sorted(value))
             await pipe.execute()

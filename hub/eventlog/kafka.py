@@ -36,6 +36,7 @@ class KafkaEventLog:
         *,
         partitions: int = 6,
         transactional_id: str | None = None,
+        read_only: bool = False,
     ) -> None:
         self._brokers = ",".join(brokers)
         self.topic = topic
@@ -43,9 +44,14 @@ class KafkaEventLog:
         self._transactional_id = transactional_id or f"central-hub.{topic}"
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
+        # A reader (replay, verify) must not start a producer: one with the hub's
+        # transactional id would fence the running hub's producer.
+        self._read_only = read_only
 
     async def start(self) -> None:
         await self._ensure_topic()
+        if self._read_only:
+            return
         self._producer = AIOKafkaProducer(
             bootstrap_servers=self._brokers,
             transactional_id=self._transactional_id,
@@ -92,7 +98,8 @@ class KafkaEventLog:
     async def append(self, events: Sequence[Event]) -> Positions:
         if not events:
             return {}
-        assert self._producer is not None, "start() first"
+        if self._producer is None:
+            raise RuntimeError("KafkaEventLog: append on a read-only log, or before start()")
         async with self._lock:
             async with self._producer.transaction():
                 futures = [

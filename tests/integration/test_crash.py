@@ -67,7 +67,7 @@ async def test_sigkill_mid_ingest_loses_and_duplicates_nothing(
     assert len(await rds.keys("hub:default:inst:*")) == N
 
     # The log itself holds each registration exactly once.
-    log = make_event_log(config, nc)
+    log = make_event_log(config, nc, read_only=True)
     await log.start()
     seen: Counter[str] = Counter()
     async for records in log.read(None, follow=False):
