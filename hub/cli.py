@@ -36,12 +36,9 @@ async def _serve(config: HubConfig, started_message: str | None = None) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        config = HubConfig.from_env()
-    except ConfigError as exc:
-        print(f"hub: configuration error: {exc}", file=sys.stderr)
+    config = _configured()
+    if config is None:
         return 2
-    configure(config.log_format)
     asyncio.run(_serve(config))
     return 0
 
@@ -65,22 +62,30 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config_or_exit() -> HubConfig | None:
+def _configured() -> HubConfig | None:
+    """The configuration from the environment, logging set up; None (and said why) if bad."""
     try:
-        return HubConfig.from_env()
+        config = HubConfig.from_env()
     except ConfigError as exc:
         print(f"hub: configuration error: {exc}", file=sys.stderr)
         return None
+    configure(config.log_format)
+    return config
+
+
+def _views(args: argparse.Namespace) -> tuple[str, ...]:
+    from hub.replay import VIEWS
+
+    return VIEWS if args.view == "all" else (args.view,)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from hub.replay import VIEWS, Connections, replay
+    from hub.replay import Connections, replay
 
-    config = _config_or_exit()
+    config = _configured()
     if config is None:
         return 2
-    configure(config.log_format)
-    views = VIEWS if args.view == "all" else (args.view,)
+    views = _views(args)
 
     async def run() -> None:
         conn = await Connections.open(config)
@@ -96,13 +101,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from hub.replay import VIEWS, Connections, verify
+    from hub.replay import Connections, verify
 
-    config = _config_or_exit()
+    config = _configured()
     if config is None:
         return 2
-    configure(config.log_format)
-    views = VIEWS if args.view == "all" else (args.view,)
+    views = _views(args)
 
     async def run() -> bool:
         conn = await Connections.open(config)
