@@ -16,9 +16,13 @@ from events.model import AnyEvent
 Positions = dict[int, int]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class LogRecord:
-    """One event as read back from the log, with where it sits."""
+    """One event as read back from the log, with where it sits.
+
+    Not frozen: a frozen dataclass's __init__ costs several times more, and a
+    replay makes a million of these.
+    """
 
     partition: int
     position: int  # offset / stream sequence of this record

@@ -22,6 +22,9 @@ class SeqLedger:
     above: set[int] = field(default_factory=set)
 
     def add(self, seq: int) -> None:
+        if seq == self.floor + 1 and not self.above:  # the common, in-order case
+            self.floor = seq
+            return
         if seq <= self.floor:
             return
         self.above.add(seq)

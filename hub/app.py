@@ -19,6 +19,7 @@ from hub.config import HubConfig
 from hub.eventlog.jetstream import JetStreamEventLog
 from hub.eventlog.kafka import KafkaEventLog
 from hub.eventlog.port import EventLog
+from hub.gcpause import gc_paused
 from hub.ingest import Ingest
 from hub.metrics import Metrics
 from hub.progress import Progress
@@ -62,10 +63,11 @@ async def rebuild_state(event_log: EventLog) -> tuple[RegistryState, dict[int, i
     end = await event_log.end_positions()
     state = RegistryState()
     count = 0
-    async for records in event_log.read(None, follow=False):
-        for r in records:
-            evolve(state, r.event)
-        count += len(records)
+    with gc_paused():
+        async for records in event_log.read(None, follow=False, batch=5000):
+            for r in records:
+                evolve(state, r.event)
+            count += len(records)
     log.info("state_rebuilt", events=count, ingress_floor=state.ingress.floor,
              ingress_high=state.ingress.high)  # fmt: skip
     return state, end

@@ -12,6 +12,7 @@ exactly that checkpoint, and compares canonical renderings (and their SHA-256).
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from events.log import Positions, advance
 from hub.app import connect_postgres, make_event_log
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
+from hub.gcpause import gc_paused
 from projections.postgres import PostgresRegistryProjection
 from projections.redis import RedisRegistryProjection
 from projections.render import (
@@ -86,14 +88,15 @@ async def fold_log(
     """The pure fold of the log (up to ``until`` if given) and the positions it covers."""
     view = ViewState()
     positions: Positions = {}
-    async for records in event_log.read(None, follow=False, batch=5000):
-        if until is not None:
-            records = [r for r in records if r.position < until.get(r.partition, 0)]
-        for r in records:
-            view.apply(r.event)
-        positions = advance(positions, records)
-        if on_batch is not None:
-            on_batch(len(records))
+    with gc_paused():
+        async for records in event_log.read(None, follow=False, batch=5000):
+            if until is not None:
+                records = [r for r in records if r.position < until.get(r.partition, 0)]
+            for r in records:
+                view.apply(r.event)
+            positions = advance(positions, records)
+            if on_batch is not None:
+                on_batch(len(records))
     return view, positions
 
 
@@ -144,8 +147,8 @@ async def replay(conn: Connections, views: tuple[str, ...] = VIEWS, *, out=sys.s
     bar = Progress(sum(end.values()), out=out)
     view, positions = await fold_log(conn.event_log, on_batch=bar.advance)
     bar.finish()
-    for name in views:
-        await conn.views[name].rebuild(view, positions)
+    # The two views are independent servers: rebuild them concurrently.
+    await asyncio.gather(*(conn.views[name].rebuild(view, positions) for name in views))
     return positions
 
 

@@ -161,22 +161,28 @@ class RedisRegistryProjection:
     # --- verify and rebuild ----------------------------------------------------------
 
     async def _read_keys(self, prefix: str) -> dict[str, RedisValue]:
+        """Every key under ``prefix`` (checkpoints aside) with its value.
+
+        The key's name says its type (instances and stats are hashes, the rest sets),
+        which saves a TYPE round per key; a key of the wrong type reads as an error
+        marker, so verification reports it instead of failing.
+        """
         names = [
             k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
             if not k.startswith(f"{prefix}:_meta:checkpoint:")
         ]  # fmt: skip
+        hashes = [":inst:" in k or k.endswith(":stats") for k in names]
         async with self._r.pipeline(transaction=False) as pipe:
-            for k in names:
-                pipe.type(k)
-            types = await pipe.execute()
-        async with self._r.pipeline(transaction=False) as pipe:
-            for k, t in zip(names, types, strict=True):
-                pipe.hgetall(k) if t == "hash" else pipe.smembers(k)
-            values = await pipe.execute()
-        return {
-            k: (v if t == "hash" else frozenset(v))
-            for k, t, v in zip(names, types, values, strict=True)
-        }
+            for k, is_hash in zip(names, hashes, strict=True):
+                pipe.hgetall(k) if is_hash else pipe.smembers(k)
+            values = await pipe.execute(raise_on_error=False)
+        out: dict[str, RedisValue] = {}
+        for k, is_hash, v in zip(names, hashes, values, strict=True):
+            if isinstance(v, Exception):
+                out[k] = {"<error>": str(v)}
+            else:
+                out[k] = v if is_hash else frozenset(v)
+        return out
 
     async def snapshot(self) -> tuple[Positions, dict[str, str]]:
         """The checkpoint and every key, canonical; re-read if a write came in between."""
