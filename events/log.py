@@ -43,8 +43,19 @@ def merge_max(into: Positions, other: Positions) -> Positions:
 
 
 def unseen(records: Sequence[LogRecord], checkpoint: Positions) -> list[LogRecord]:
-    """The records a view with ``checkpoint`` has not applied yet."""
-    return [r for r in records if r.position >= checkpoint.get(r.partition, 0)]
+    """The records a view with ``checkpoint`` has not applied yet, each once, in order.
+
+    A record at or below the checkpoint, or at or below a record of the same
+    partition earlier in the batch (a duplicate, or an older one re-delivered
+    after a newer one), is dropped: positions only move forward.
+    """
+    at = dict(checkpoint)
+    out = []
+    for r in records:
+        if r.position >= at.get(r.partition, 0):
+            out.append(r)
+            at[r.partition] = r.position + 1
+    return out
 
 
 def advance(checkpoint: Positions, records: Sequence[LogRecord]) -> Positions:

@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from events.model import Event, InputRejected
@@ -104,6 +105,21 @@ def pg_rejection_row(e: InputRejected) -> tuple[Any, ...]:
 JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on"})
 
 
+def _canonical_numbers(value: Any) -> Any:
+    """JSON numbers as PostgreSQL's jsonb keeps them: exact decimals, so float 1e16 and
+    int 10000000000000000 (what jsonb gives back for it) render alike."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        number = Decimal(repr(value)).normalize()
+        return format(number if number != 0 else Decimal(0), "f")  # numeric has no -0
+    if isinstance(value, dict):
+        return {k: _canonical_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical_numbers(v) for v in value]
+    return value
+
+
 def canonical_pg(table: str, columns: Iterable[str], row: Iterable[Any]) -> str:
     """A row as one canonical line: jsonb columns parsed, times in ISO 8601 UTC."""
     out = []
@@ -111,7 +127,7 @@ def canonical_pg(table: str, columns: Iterable[str], row: Iterable[Any]) -> str:
         if isinstance(value, datetime):
             out.append(value.astimezone(UTC).isoformat())
         elif column in JSONB_COLUMNS and isinstance(value, str):
-            out.append(json.loads(value))
+            out.append(_canonical_numbers(json.loads(value)))
         else:
             out.append(value)
     return table + " " + json.dumps(out, sort_keys=True)
