@@ -106,13 +106,14 @@ JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on"})
 
 
 def _canonical_numbers(value: Any) -> Any:
-    """JSON numbers as PostgreSQL's jsonb keeps them: exact decimals, so float 1e16 and
-    int 10000000000000000 (what jsonb gives back for it) render alike."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        number = Decimal(repr(value)).normalize()
-        return format(number if number != 0 else Decimal(0), "f")  # numeric has no -0
+    """JSON numbers as PostgreSQL's jsonb gives them back: a float with an integral
+    value comes back as an integer (1e16 -> 10000000000000000, -0.0 -> 0), so such
+    floats render as integers on both sides; strings stay strings."""
+    if isinstance(value, float) and value.is_integer():
+        # jsonb stores the decimal digits JSON carried (Python's shortest repr),
+        # not the float's exact binary value: -6.197572189500859e16 comes back as
+        # -61975721895008590, not int(value) = -61975721895008592.
+        return int(Decimal(repr(value)))
     if isinstance(value, dict):
         return {k: _canonical_numbers(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -1,0 +1,494 @@
+"""Model-based test of the projections on the real servers: the views equal the pure fold.
+
+An in-memory event log (two partitions, keyed like Kafka) is the model. Hypothesis
+appends random events to it (including heartbeats and deregistrations of instances
+nobody registered, and the same event appended twice), delivers random batches to the
+REAL PostgreSQL and Redis projections (re-deliveries of what they already applied,
+records repeated inside a batch) and kills ``apply`` mid-batch by cancelling it after a
+random number of event-loop iterations. After every step, each view's ``snapshot()``
+must be exactly the rendering of the fold of the records its checkpoint covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Sequence
+
+import asyncpg
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+from hypothesis import HealthCheck, Phase, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from events.log import LogRecord, Positions, advance, covers, unseen
+from events.model import (
+    Event,
+    HeartbeatReceived,
+    InputRejected,
+    ServiceDeregistered,
+    ServiceRegistered,
+    partition_key,
+)
+from projections.postgres import PostgresRegistryProjection
+from projections.redis import RedisRegistryProjection
+from projections.render import (
+    canonical_redis,
+    differences,
+    expected_pg,
+    expected_redis,
+    fold_view,
+)
+
+PARTITIONS = 2
+KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
+RESET_PG = "TRUNCATE service_registry, input_rejections; DELETE FROM projection_checkpoints"
+
+# --- events as the wire lets them into the log ---------------------------------------
+# A tiny pool of names, so that events keep colliding on the same instances.
+
+TENANTS = st.sampled_from(["default", "acme"])
+SERVICES = st.sampled_from(["orders", "pay.v2"])
+INSTANCES = st.sampled_from(["i-1", "i-2", "i_3"])
+# Seconds with microsecond resolution, as the ingress stream stamps them.
+TS = st.integers(1_700_000_000_000_000, 1_800_000_000_000_000).map(lambda k: k / 1_000_000)
+TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
+FINITE = st.floats(allow_nan=False, allow_infinity=False)  # 1e16 and -0.0 included
+SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), FINITE, TEXT)
+METADATA = st.dictionaries(TEXT.filter(bool), SCALARS, max_size=4)
+ENVELOPE = {"event_id": st.just(""), "tenant": TENANTS, "ts": TS}
+
+REGISTERED = st.builds(
+    ServiceRegistered, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
+    host=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9.:%\[\]-]{0,15}\Z"),
+    port=st.integers(1, 65535), protocol=st.from_regex(r"\A[a-z][a-z0-9+.-]{0,15}\Z"),
+    version=st.from_regex(r"\A[A-Za-z0-9._+-]{0,10}\Z"),
+    health_endpoint=st.from_regex(r"\A/[\x21-\x7e]{0,10}\Z"), metadata=METADATA,
+    transport_preferences=st.lists(st.sampled_from(["nats", "kafka", "http", "grpc"]),
+                                   max_size=3),
+    heartbeat_interval_s=st.floats(0, 3600, exclude_min=True),
+    depends_on=st.lists(SERVICES, max_size=2),
+)  # fmt: skip
+HEARTBEAT = st.builds(
+    HeartbeatReceived, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
+    status=st.sampled_from(["healthy", "degraded", "unhealthy"]),
+    load=st.none() | st.floats(min_value=0, allow_infinity=False),
+    checks=st.dictionaries(TEXT.filter(bool), SCALARS, max_size=2),
+)  # fmt: skip
+DEREGISTERED = st.builds(
+    ServiceDeregistered, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
+    reason=st.sampled_from(["requested", "expired"]),
+)  # fmt: skip
+REJECTED = st.builds(
+    InputRejected, event_id=st.just(""), tenant=TENANTS | st.just("_invalid"), ts=TS,
+    subject=st.sampled_from(["hub.register", "hub.heartbeat", "hub.acme.register"]),
+    reason_code=st.sampled_from(["INVALID_FIELD", "MALFORMED_JSON", "UNKNOWN_TENANT"]),
+    reason=TEXT, excerpt=TEXT,
+)  # fmt: skip
+EVENTS = st.one_of(REGISTERED, REGISTERED, HEARTBEAT, HEARTBEAT, DEREGISTERED, REJECTED)
+
+
+def partition_of(event: Event) -> int:
+    """The partition of an event: a stable hash of its key, as a keyed Kafka producer."""
+    return zlib.crc32(partition_key(event).encode()) % PARTITIONS
+
+
+def expected_lines(kind: str, records: Sequence[LogRecord]) -> dict[str, str]:
+    """The canonical rendering of the fold of ``records`` (in log order) in one view."""
+    view = fold_view(r.event for r in records)
+    if kind == "pg":
+        return expected_pg(view)
+    return {k: canonical_redis(k, v) for k, v in expected_redis(view).items()}
+
+
+# --- the state machine -----------------------------------------------------------------
+
+
+class ProjectionMachine(RuleBasedStateMachine):
+    """The log is the model; both projections must always show the fold of what they cover.
+
+    The machine owns an event loop (hypothesis rules are synchronous); the servers are
+    given as class attributes by the test (``pg_dsn``, ``redis_host``, ``redis_port``).
+    """
+
+    pg_dsn = ""
+    redis_host = ""
+    redis_port = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.log: list[LogRecord] = []
+        self.next_position = dict.fromkeys(range(PARTITIONS), 0)
+        self.pending: list[tuple[str, list[LogRecord]]] = []  # killed batches, to redeliver
+        self.checkpoints: dict[str, Positions] = {"pg": {}, "redis": {}}  # last seen
+        self.must_cover: dict[str, Positions] = {"pg": {}, "redis": {}}  # completed applies
+        self.run(self._connect())
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    async def _connect(self) -> None:
+        self.pool = await asyncpg.create_pool(self.pg_dsn, min_size=1, max_size=2)
+        self.redis = aioredis.Redis(host=self.redis_host, port=self.redis_port,
+                                    decode_responses=True)  # fmt: skip
+        self.views = {
+            "pg": PostgresRegistryProjection(self.pool),
+            "redis": RedisRegistryProjection(self.redis),
+        }
+        await self.views["pg"].setup()
+        await self.views["redis"].setup()
+        await self.pool.execute(RESET_PG)
+        await self.redis.flushdb()
+
+    def teardown(self) -> None:
+        try:
+            self.run(self.pool.close())
+            self.run(self.redis.aclose())
+        finally:
+            self.loop.close()
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _targets(self, which: str) -> list[str]:
+        return ["pg", "redis"] if which == "both" else [which]
+
+    def _batch(self, data: st.DataObject, kind: str) -> list[LogRecord]:
+        """Per partition a contiguous slice that starts at or before the view's checkpoint
+        (so it may re-deliver applied records, never skips any), some records repeated
+        in place, possibly followed by a re-delivery of part of it (a reader that went
+        back), the partitions interleaved at random."""
+        checkpoint = self.checkpoints[kind]
+        # What is drawn depends on the log only, never on the servers (hypothesis replays
+        # draws while shrinking); the view's checkpoint only clamps the drawn values.
+        rank = data.draw(st.permutations(range(len(self.log))), label="interleaving")
+        lanes: list[list[tuple[int, LogRecord]]] = []
+        for p in range(PARTITIONS):
+            records = [(rank[i], r) for i, r in enumerate(self.log) if r.partition == p]
+            include = data.draw(st.booleans(), label=f"include partition {p}")
+            start = data.draw(st.integers(0, len(records)), label="start")
+            new = data.draw(st.integers(0, len(records)), label="new records")
+            repeat = data.draw(st.sets(st.integers(0, max(len(records) - 1, 0)), max_size=2),
+                               label="repeated in place")  # fmt: skip
+            back = data.draw(st.integers(0, len(records)), label="then again from")
+            more = data.draw(st.integers(0, len(records)), label="and that many more")
+            if include:
+                start = min(start, checkpoint.get(p, 0))
+                end = min(checkpoint.get(p, 0) + new, len(records))
+                again = range(min(back, end), min(end + more, len(records)))  # never a gap
+                lane = [records[i] for i in range(start, end) for _ in range(1 + (i in repeat))]
+                lane += [records[i] for i in again]
+                lanes.append(lane)
+        batch = []  # merged by rank of the lane heads: each lane keeps its order
+        while any(lanes):
+            lane = min((lane for lane in lanes if lane), key=lambda lane: lane[0][0])
+            batch.append(lane.pop(0)[1])
+        return batch
+
+    def _completed(self, kind: str, batch: list[LogRecord], returned: Positions) -> None:
+        """A completed apply covers every record of its batch and says so."""
+        needed = advance({}, batch)
+        assert covers(returned, needed), (kind, returned, needed)
+        for p, n in needed.items():
+            self.must_cover[kind][p] = max(self.must_cover[kind].get(p, 0), n)
+
+    # --- rules ---------------------------------------------------------------------------
+
+    @rule(events=st.lists(EVENTS, min_size=1, max_size=5))
+    def append(self, events: list[Event]) -> None:
+        """New events are recorded (ids as ingest derives them: ``ingress-<seq>``)."""
+        for e in events:
+            seq = len(self.log) + 1
+            self._append(msgspec.structs.replace(e, event_id=f"ingress-{seq}", ingress_seq=seq))
+
+    @precondition(lambda self: self.log)
+    @rule(data=st.data())
+    def append_again(self, data: st.DataObject) -> None:
+        """The same registration/heartbeat/deregistration is recorded a second time (an
+        at-least-once append past the log's de-duplication). Not a rejection: the fold
+        keeps rejections by event id (one), the Redis view counts records (two)."""
+        candidates = [r.event for r in self.log if not isinstance(r.event, InputRejected)]
+        if candidates:
+            self._append(data.draw(st.sampled_from(candidates), label="again"))
+
+    def _append(self, event: Event) -> None:
+        p = partition_of(event)
+        self.log.append(LogRecord(p, self.next_position[p], event))
+        self.next_position[p] += 1
+
+    @precondition(lambda self: self.log)
+    @rule(data=st.data(), which=st.sampled_from(["pg", "redis", "both"]))
+    def deliver(self, data: st.DataObject, which: str) -> None:
+        """A batch is applied to completion."""
+        for kind in self._targets(which):
+            batch = self._batch(data, kind)
+            self._completed(kind, batch, self.run(self.views[kind].apply(batch)))
+
+    @precondition(lambda self: self.log)
+    @rule(data=st.data(), kind=st.sampled_from(["pg", "redis"]))
+    def kill_mid_batch(self, data: st.DataObject, kind: str) -> None:
+        """``apply`` is cancelled after a random number of turns of the event loop: the
+        view then holds either none or all of the batch, never part of it."""
+        batch = self._batch(data, kind)
+        # A whole apply takes a few hundred turns (PostgreSQL) or dozens (Redis).
+        iterations = data.draw(st.integers(0, KILL_WITHIN[kind]), label="turns before kill")
+        before = self.checkpoints[kind]
+        after = advance(before, unseen(batch, before))
+
+        async def kill() -> Positions | None:
+            task = asyncio.ensure_future(self.views[kind].apply(batch))
+            for _ in range(iterations):
+                await asyncio.sleep(0)
+            task.cancel()
+            try:
+                return await task
+            except asyncio.CancelledError:
+                return None
+
+        returned = self.run(kill())
+        if returned is not None:  # it finished before the kill
+            self._completed(kind, batch, returned)
+        self.pending.append((kind, batch))  # either way (the rules must not depend on timing)
+        checkpoint, _ = self.run(self.views[kind].snapshot())
+        # Killed before its commit, or after it (the reply lost): all or nothing.
+        assert checkpoint in (before, after), (kind, before, after, checkpoint)
+
+    @precondition(lambda self: self.pending)
+    @rule(data=st.data())
+    def redeliver_killed(self, data: st.DataObject) -> None:
+        """A batch whose apply was killed is delivered again, and completes."""
+        kind, batch = self.pending.pop(data.draw(st.integers(0, len(self.pending) - 1)))
+        self._completed(kind, batch, self.run(self.views[kind].apply(batch)))
+
+    # --- the invariant ---------------------------------------------------------------------
+
+    @invariant()
+    def views_equal_the_fold_of_what_they_cover(self) -> None:
+        """Each view is the fold of exactly the records its checkpoint covers; checkpoints
+        only move forward and cover every completed apply."""
+        for kind, view in self.views.items():
+            checkpoint, lines = self.run(view.snapshot())
+            assert covers(checkpoint, self.checkpoints[kind]), (kind, checkpoint)
+            assert covers(checkpoint, self.must_cover[kind]), (kind, checkpoint)
+            assert all(0 <= n <= self.next_position[p] for p, n in checkpoint.items())
+            covered = [r for r in self.log if r.position < checkpoint.get(r.partition, 0)]
+            problems = differences(expected_lines(kind, covered), lines)
+            assert not problems, f"{kind} view at {checkpoint}:\n" + "\n".join(problems[:10])
+            self.checkpoints[kind] = checkpoint
+
+
+def test_views_equal_the_fold_under_redelivery_duplicates_and_kills(
+    postgres_server, pg_database, redis_server
+):
+    """Random event sequences (unknown instances, repeated events) delivered in random
+    batches (re-deliveries, in-batch repeats, apply killed mid-batch and redelivered) to
+    the real PostgreSQL and Redis projections: after every step each view equals the
+    pure fold of exactly the records its checkpoint covers, and every completed apply is
+    covered."""
+    ProjectionMachine.pg_dsn = postgres_server.dsn(pg_database)
+    ProjectionMachine.redis_host = redis_server.host
+    ProjectionMachine.redis_port = redis_server.port
+    run_state_machine_as_test(
+        ProjectionMachine,
+        settings=settings(
+            max_examples=40,
+            stateful_step_count=30,
+            deadline=None,
+            # Kills are timed by event-loop turns around real I/O, so a failing case does
+            # not replay exactly; shrinking would spend minutes (up to the test timeout)
+            # on flaky replays. The failing steps are reported as found (at most 30).
+            phases=[Phase.explicit, Phase.reuse, Phase.generate],
+            report_multiple_bugs=False,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        ),
+    )
+
+
+# --- a readable example of a kill mid-batch ---------------------------------------------
+
+
+def _record(partition_positions: dict[int, int], event: Event) -> LogRecord:
+    p = partition_of(event)
+    position = partition_positions.get(p, 0)
+    partition_positions[p] = position + 1
+    return LogRecord(p, position, event)
+
+
+@pytest.fixture
+async def views(postgres_server, pg_database, redis_server):
+    """Both projections on this test's fresh database and Valkey, migrated."""
+    pool = await asyncpg.create_pool(postgres_server.dsn(pg_database), min_size=1, max_size=3)
+    client = aioredis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
+    pg, rds = PostgresRegistryProjection(pool), RedisRegistryProjection(client)
+    await pg.setup()
+    yield pg, rds, pool, client
+    await client.aclose()
+    await pool.close()
+
+
+def _event(kind: type[Event], seq: int, **fields) -> Event:
+    base = {"event_id": f"ingress-{seq}", "tenant": "default", "ingress_seq": seq,
+            "ts": (1_750_000_000_000_000 + seq * 250_000) / 1_000_000}  # fmt: skip
+    return kind(**{**base, **fields})
+
+
+def _log(*events: Event) -> list[LogRecord]:
+    positions: dict[int, int] = {}
+    return [_record(positions, e) for e in events]
+
+
+async def _wait_until(check, what: str) -> None:
+    for _ in range(500):
+        if await check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def _kill(task: asyncio.Task) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_an_apply_killed_mid_batch_changes_nothing_and_its_redelivery_applies_all(views):
+    """Both views: an apply killed in the middle of its batch (PostgreSQL: rows already
+    upserted, blocked on a later insert; Redis: inside its MULTI, blocked by CLIENT PAUSE)
+    leaves checkpoint and content exactly as before the batch; delivering the same batch
+    again then applies all of it (the view equals the fold of both batches)."""
+    pg, rds, pool, client = views
+    reg = {"service_name": "orders", "host": "10.0.0.5", "port": 8080}
+    log = _log(
+        _event(ServiceRegistered, 1, instance_id="i-1", **reg, metadata={"zone": "a"}),
+        _event(ServiceRegistered, 2, instance_id="i-2", **reg),
+        # The batch that will be killed:
+        _event(HeartbeatReceived, 3, service_name="orders", instance_id="i-1",
+               status="degraded", load=0.75),
+        _event(ServiceDeregistered, 4, service_name="orders", instance_id="i-2"),
+        _event(ServiceRegistered, 5, instance_id="i_3", **reg),
+        _event(HeartbeatReceived, 6, service_name="orders", instance_id="nobody"),
+        _event(InputRejected, 7, subject="hub.register", reason_code="INVALID_FIELD",
+               reason="port: expected int", excerpt='{"port": "x"}'),
+    )  # fmt: skip
+    first, second = log[:2], log[2:]
+
+    for kind, view in (("pg", pg), ("redis", rds)):
+        await view.apply(first)
+        before = await view.snapshot()
+        assert before[1] == expected_lines(kind, first)
+
+        if kind == "pg":
+            # Hold the rejection's primary key in an open transaction: the apply upserts
+            # its registry rows, then waits on that insert, inside its transaction.
+            blocker = await pool.acquire()
+            tx = blocker.transaction()
+            await tx.start()
+            await blocker.execute(
+                "INSERT INTO input_rejections VALUES ($1, 'x', 0, 's', 'c', 'r', '', now())",
+                "ingress-7",
+            )
+            task = asyncio.ensure_future(view.apply(second))
+            await _wait_until(
+                lambda: pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND query LIKE 'INSERT INTO input_rejections%'"
+                ),
+                "the apply waits on its rejection insert",
+            )
+            await _kill(task)
+            await tx.rollback()
+            await pool.release(blocker)
+        else:
+            # Pause writes: the apply has read and planned, and blocks inside MULTI.
+            await client.execute_command("CLIENT", "PAUSE", "30000", "WRITE")
+            task = asyncio.ensure_future(view.apply(second))
+
+            async def in_multi() -> bool:
+                return any(
+                    "x" in c["flags"] and "b" in c["flags"] for c in await client.client_list()
+                )
+
+            await _wait_until(in_multi, "the apply is blocked inside MULTI")
+            await _kill(task)
+            await client.execute_command("CLIENT", "UNPAUSE")
+
+        assert await view.snapshot() == before, f"{kind}: the killed batch left traces"
+
+        applied = await view.apply(second)  # the redelivery
+        assert covers(applied, advance({}, log))
+        checkpoint, lines = await view.snapshot()
+        assert checkpoint == applied
+        assert not differences(expected_lines(kind, log), lines)
+        assert await view.apply(second) == applied  # and once more: nothing changes
+        assert await view.snapshot() == (checkpoint, lines)
+
+
+# --- edge cases the state machine found, as plain examples ------------------------------
+
+
+async def test_pg_metadata_numbers_jsonb_rewrites_still_equal_the_fold(views):
+    """PostgreSQL: metadata numbers the wire accepts but jsonb rewrites (1e16 comes back
+    as 10000000000000000, -6.197572189500859e16 as -61975721895008590 - the digits of
+    the JSON, not of the binary float - and -0.0 as 0) still make a view equal to the
+    fold, and rebuild() (which checks its shadow tables against the fold) accepts them."""
+    pg, _, _, _ = views
+    metadata = {
+        "big": 1e16,
+        "odd": -6.197572189500859e16,
+        "huge": 1.5e300,
+        "zero": -0.0,
+        "tiny": 5e-324,
+        "int": 2**70,
+    }
+    log = _log(_event(ServiceRegistered, 1, service_name="orders", instance_id="i-1",
+                      host="h", port=1, metadata=metadata))  # fmt: skip
+    await pg.apply(log)
+    checkpoint, lines = await pg.snapshot()
+    assert not differences(expected_lines("pg", log), lines)
+    await pg.rebuild(fold_view(r.event for r in log), checkpoint)
+    assert await pg.snapshot() == (checkpoint, lines)
+
+
+@pytest.mark.parametrize("kind", ["pg", "redis"])
+async def test_a_record_repeated_inside_a_batch_is_applied_once(views, kind):
+    """Both views: a batch [rejected@0, rejected@0, registered@1, deregistered@2,
+    registered@1] (one partition) applies each record once, in log order: the rejection
+    is counted once, and the registration re-delivered after the deregistration does not
+    resurrect the instance."""
+    pg, rds, _, _ = views
+    view = pg if kind == "pg" else rds
+    rejected, register, deregister = _log(
+        _event(InputRejected, 1, tenant="acme", subject="hub.register",
+               reason_code="INVALID_FIELD", reason="r"),
+        _event(ServiceRegistered, 2, service_name="orders", instance_id="i-1", host="h",
+               port=1),
+        _event(ServiceDeregistered, 3, service_name="orders", instance_id="i-1"),
+    )  # fmt: skip
+    assert rejected.partition == register.partition == deregister.partition
+    await view.apply([rejected, rejected, register, deregister, register])
+    _, lines = await view.snapshot()
+    assert not differences(expected_lines(kind, [rejected, register, deregister]), lines)
+
+
+async def test_pg_verify_tells_a_number_from_a_string_in_metadata(views):
+    """PostgreSQL: a metadata value whose JSON type changed in the view (string "1" in the
+    log, number 1 in the row) is a difference: the canonical rendering, while it lets
+    jsonb's rewriting of numbers pass, keeps numbers and strings apart."""
+    pg, _, pool, _ = views
+    log = _log(_event(ServiceRegistered, 1, service_name="orders", instance_id="i-1",
+                      host="h", port=1, metadata={"replicas": "1", "ratio": 1.5}))  # fmt: skip
+    await pg.apply(log)
+    _, lines = await pg.snapshot()
+    assert not differences(expected_lines("pg", log), lines)
+    for changed in ('{"replicas": 1, "ratio": 1.5}', '{"replicas": "1", "ratio": "1.5"}'):
+        await pool.execute("UPDATE service_registry SET metadata = $1::jsonb", changed)
+        _, lines = await pg.snapshot()
+        assert differences(expected_lines("pg", log), lines), changed
