@@ -142,9 +142,15 @@ class Hub:
             await self.queries.stop()
         for t in self._tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=10)
+            for t in stuck:
+                log.warning("hub_task_did_not_stop", task=t.get_name())
         if self.event_log is not None:
-            await self.event_log.close()
+            try:
+                await asyncio.wait_for(self.event_log.close(), timeout=10)
+            except TimeoutError:
+                log.warning("event_log_close_timed_out")
         if self.nc is not None and not self.nc.is_closed:
             # Everything that reads has been cancelled; flush what was written (acks,
             # replies) and close. (drain() waits out pull subscriptions: 30 s.)
@@ -154,5 +160,11 @@ class Hub:
         if self.redis is not None:
             await self.redis.aclose()
         if self.pool is not None:
-            await self.pool.close()
+            # close() waits for every connection to be released; a connection of a task
+            # cancelled mid-query can hold that up indefinitely, so bound it.
+            try:
+                await asyncio.wait_for(self.pool.close(), timeout=5)
+            except TimeoutError:
+                log.warning("postgres_pool_close_timed_out")
+                self.pool.terminate()
         log.info("hub_stopped")

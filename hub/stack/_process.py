@@ -12,6 +12,7 @@ spawned from the main thread; children spawned from other threads rely on ``atex
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import atexit
 import contextlib
@@ -175,7 +176,7 @@ def _stop_all() -> None:
 # --- the base class ----------------------------------------------------------------------
 
 
-class ManagedProcess:
+class ManagedProcess(abc.ABC):
     """A server process on 127.0.0.1 owned by this Python process.
 
     Subclasses define ``name``, ``_command()`` and ``_ready()``; optionally ``_prepare()``
@@ -203,14 +204,15 @@ class ManagedProcess:
 
     # -- subclass hooks -------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _command(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
+    @abc.abstractmethod
     def _ready(self) -> bool:
         """One readiness probe: True when the server answers a real client."""
-        raise NotImplementedError
 
-    def _prepare(self) -> None:
+    def _prepare(self) -> None:  # noqa: B027 - an optional hook, empty by default
         """One-off set-up before spawning (may run in any thread; no long-lived children)."""
 
     def _env(self) -> dict[str, str] | None:

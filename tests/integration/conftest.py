@@ -84,14 +84,19 @@ async def nc(nats_server):
     """A plain nats-py client, as any service would have."""
     client = await nats.connect(nats_server.url)
     yield client
-    await client.drain()
+    # close, not drain: a drain can wait on the server well past the test (seen hanging
+    # in a full-suite run); nothing here needs in-flight messages delivered.
+    await client.close()
 
 
 @pytest.fixture
 async def pg(hub_config: HubConfig):
     conn = await asyncpg.connect(hub_config.postgres_dsn)
     yield conn
-    await conn.close()
+    try:
+        await asyncio.wait_for(conn.close(), timeout=5)
+    except TimeoutError:
+        conn.terminate()
 
 
 @pytest.fixture
