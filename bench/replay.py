@@ -44,7 +44,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from events.codec import decode_event
 from events.log import LogRecord, Positions, advance
@@ -56,7 +56,7 @@ from events.model import (
     ServiceRegistered,
 )
 from hub.config import HubConfig
-from hub.eventlog.kafka import KafkaEventLog
+from hub.eventlog.kafka import KafkaEventLog, log_reader
 from hub.replay import Connections, fold_log, replay
 from hub.stack import KafkaServer, PostgresServer, RedisServer
 from projections.render import ViewState
@@ -252,20 +252,6 @@ async def produce(
 # --- the two measurements ------------------------------------------------------------------
 
 
-def _consumer(bootstrap: str) -> AIOKafkaConsumer:
-    # The same fetch sizes as the hub's consumer (hub.eventlog.kafka): the comparison is
-    # about what the hub does with the records, not about fetch tuning.
-    return AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        isolation_level="read_committed",
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        group_id=None,
-        max_partition_fetch_bytes=8 * 1024 * 1024,
-        fetch_max_bytes=32 * 1024 * 1024,
-    )
-
-
 async def raw_read(
     bootstrap: str, topic: str, *, keep: list[Any] | None = None
 ) -> tuple[int, float]:
@@ -274,7 +260,7 @@ async def raw_read(
     With ``keep`` the messages are appended to it (only for ``--profile``; not timed then).
     """
     t0 = time.perf_counter()
-    consumer = _consumer(bootstrap)
+    consumer = log_reader(bootstrap)
     await consumer.start()
     try:
         # The benchmark created the topic with PARTITIONS partitions (checked below).

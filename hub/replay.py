@@ -40,7 +40,7 @@ from projections.render import (
 VIEWS = ("postgres", "redis")
 
 
-class Progress:
+class ProgressBar:
     """Events done / total, rate and ETA: a bar on a terminal, log lines otherwise."""
 
     def __init__(self, total: int, *, out=sys.stderr, every_s: float = 2.0) -> None:  # type: ignore[no-untyped-def]
@@ -144,7 +144,7 @@ class Connections:
 async def replay(conn: Connections, views: tuple[str, ...] = VIEWS, *, out=sys.stderr) -> Positions:  # type: ignore[no-untyped-def]
     """Rebuild ``views`` from the start of the log; returns the positions replayed to."""
     end = await conn.event_log.end_positions()
-    bar = Progress(sum(end.values()), out=out)
+    bar = ProgressBar(sum(end.values()), out=out)
     view, positions = await fold_log(conn.event_log, on_batch=bar.advance)
     bar.finish()
     # The two views are independent servers: rebuild them concurrently.

@@ -24,6 +24,20 @@ from events.model import Event, partition_key
 log = structlog.get_logger(__name__)
 
 
+def log_reader(brokers: str) -> AIOKafkaConsumer:
+    """An unstarted consumer that reads the log as the hub does: committed records only,
+    no group, large fetches (also the baseline of bench/replay)."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=brokers,
+        isolation_level="read_committed",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        group_id=None,
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
+    )
+
+
 class KafkaEventLog:
     """Events on a Kafka topic; partition = hash(tenant/service/instance)."""
 
@@ -119,15 +133,7 @@ class KafkaEventLog:
             return positions
 
     def _consumer(self) -> AIOKafkaConsumer:
-        return AIOKafkaConsumer(
-            bootstrap_servers=self._brokers,
-            isolation_level="read_committed",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            group_id=None,
-            max_partition_fetch_bytes=8 * 1024 * 1024,
-            fetch_max_bytes=32 * 1024 * 1024,
-        )
+        return log_reader(self._brokers)
 
     async def end_positions(self) -> Positions:
         consumer = self._consumer()
