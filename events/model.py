@@ -49,6 +49,11 @@ class ServiceRegistered(Event, frozen=True):
     transport_preferences: list[str] = []
     heartbeat_interval_s: float = 10.0
     depends_on: list[str] = []
+    # The lease, resolved when the registration was recorded (so replay never
+    # depends on the hub's configuration): no heartbeat for ttl_s -> critical;
+    # critical for expire_after_s -> expired. 0 = not recorded (3 x interval / 60 s).
+    ttl_s: float = 0.0
+    expire_after_s: float = 0.0
 
 
 class ServiceDeregistered(Event, frozen=True):
@@ -60,13 +65,85 @@ class ServiceDeregistered(Event, frozen=True):
 
 
 class HeartbeatReceived(Event, frozen=True):
-    """A registered instance proved it is alive and reported its own health."""
+    """A registered instance proved it is alive and reported its own health.
+
+    Heartbeats are the bulk of the log, so the log keeps only the latest one per
+    instance (JetStream roll-up, Kafka compaction; see ``events.log``). That is
+    exact because a heartbeat's effect is overwritten by the next one's:
+    ``last_seen`` is the running maximum up to this heartbeat (decided when it was
+    recorded), and ``status``/``load``/``checks`` are the latest report. The
+    instance's *health* is not set here but by ``InstanceHealthChanged``.
+    """
 
     service_name: str
     instance_id: str
     status: str = "healthy"
     load: float | None = None
     checks: dict[str, Any] = {}
+    last_seen: float = 0.0  # max(ts, the instance's last_seen before); 0 = use ts
+
+
+class InstanceHealthChanged(Event, frozen=True):
+    """The hub changed an instance's health: reported by the instance, or decided by
+    its lease timer (``critical``: no heartbeat within the TTL)."""
+
+    service_name: str
+    instance_id: str
+    previous: str
+    status: str
+    reason: str
+    last_seen: float = 0.0
+
+
+class InstanceExpired(Event, frozen=True):
+    """An instance stayed critical past its expiry time and left the live view."""
+
+    service_name: str
+    instance_id: str
+    last_seen: float
+    critical_since: float
+    reason: str = ""
+
+
+class FlappingStarted(Event, frozen=True):
+    """The instance changed health too often; single changes are not recorded until
+    it is stable again. ``status`` is its health when flapping was detected."""
+
+    service_name: str
+    instance_id: str
+    changes: int
+    window_s: float
+    status: str
+
+
+class FlappingEnded(Event, frozen=True):
+    """The instance was stable for the quiet period; ``status`` is its health now."""
+
+    service_name: str
+    instance_id: str
+    previous: str
+    status: str
+    quiet_s: float
+
+
+class SelfPreservationStarted(Event, frozen=True):
+    """Too large a share of a tenant's instances went critical at once, which looks
+    like the hub being cut off rather than the services dying: no instance of the
+    tenant expires until ``until`` (a bound: it ends by itself)."""
+
+    critical: int
+    live: int
+    share: float
+    until: float
+    at_risk: list[str] = []  # "service/instance", at most the first 100
+
+
+class SelfPreservationEnded(Event, frozen=True):
+    """Expiry resumes for the tenant (``reason``: ``bound_reached`` or ``recovered``)."""
+
+    reason: str
+    critical: int = 0
+    live: int = 0
 
 
 class InputRejected(Event, frozen=True):
@@ -78,13 +155,40 @@ class InputRejected(Event, frozen=True):
     excerpt: str = ""
 
 
-AnyEvent = ServiceRegistered | ServiceDeregistered | HeartbeatReceived | InputRejected
+AnyEvent = (
+    ServiceRegistered
+    | ServiceDeregistered
+    | HeartbeatReceived
+    | InputRejected
+    | InstanceHealthChanged
+    | InstanceExpired
+    | FlappingStarted
+    | FlappingEnded
+    | SelfPreservationStarted
+    | SelfPreservationEnded
+)
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     ServiceRegistered,
     ServiceDeregistered,
     HeartbeatReceived,
     InputRejected,
+    InstanceHealthChanged,
+    InstanceExpired,
+    FlappingStarted,
+    FlappingEnded,
+    SelfPreservationStarted,
+    SelfPreservationEnded,
+)
+
+# Events about an instance's health, kept in the health history.
+HEALTH_EVENTS: tuple[type[Event], ...] = (
+    InstanceHealthChanged,
+    InstanceExpired,
+    FlappingStarted,
+    FlappingEnded,
+    SelfPreservationStarted,
+    SelfPreservationEnded,
 )
 
 # The short name of each event type in watch subjects: hub.events.<tenant>.<kind>.
@@ -93,6 +197,12 @@ WATCH_KIND: dict[type[Event], str] = {
     ServiceDeregistered: "deregistered",
     HeartbeatReceived: "heartbeat",
     InputRejected: "rejected",
+    InstanceHealthChanged: "health_changed",
+    InstanceExpired: "expired",
+    FlappingStarted: "flapping_started",
+    FlappingEnded: "flapping_ended",
+    SelfPreservationStarted: "self_preservation_started",
+    SelfPreservationEnded: "self_preservation_ended",
 }
 
 
@@ -107,3 +217,14 @@ def partition_key(event: Event) -> str:
     if service is not None and instance is not None:
         return f"{event.tenant}/{service}/{instance}"
     return f"{event.tenant}/-"
+
+
+def compaction_key(event: Event) -> str | None:
+    """The key under which the log keeps only the latest event, or None to keep it.
+
+    Only heartbeats are superseded (by the next heartbeat of the same instance);
+    every other event is a fact the log keeps for ever.
+    """
+    if isinstance(event, HeartbeatReceived):
+        return f"hb/{partition_key(event)}"
+    return None

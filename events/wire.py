@@ -60,6 +60,10 @@ class RegisterMessage(msgspec.Struct, kw_only=True, frozen=True):
     transport_preferences: Annotated[list[Transport], msgspec.Meta(max_length=8)] = []
     heartbeat_interval_s: Interval = 10.0
     depends_on: Annotated[list[Name], msgspec.Meta(max_length=64)] = []
+    # The lease: no heartbeat for ttl_s -> critical (default 3 x interval); critical
+    # for expire_after_s -> expired (default: the hub's HUB_EXPIRE_AFTER_S).
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=3 * 3600)] | None = None
+    expire_after_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 24 * 3600)] | None = None
 
 
 class HeartbeatMessage(msgspec.Struct, kw_only=True, frozen=True):
@@ -154,6 +158,13 @@ def parse_ingress(kind: str, payload: bytes, *, max_metadata_bytes: int) -> Ingr
     if nul is not None:
         raise WireError("INVALID_FIELD", f"NUL character not allowed - at `{nul}`")
     if isinstance(msg, RegisterMessage):
+        if msg.ttl_s is not None and msg.ttl_s < msg.heartbeat_interval_s:
+            raise WireError(
+                "INVALID_FIELD",
+                f"ttl_s ({msg.ttl_s}) is shorter than heartbeat_interval_s "
+                f"({msg.heartbeat_interval_s}): every instance would lapse between heartbeats"
+                " - at `$.ttl_s`",
+            )
         size = len(_encoder.encode(msg.metadata))
         if size > max_metadata_bytes:
             raise WireError(
@@ -201,7 +212,38 @@ class ServiceQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
 
 
-Q = TypeVar("Q", ServicesQuery, ServiceQuery)
+PickStrategy = Literal["round_robin", "random", "least_load"]
+
+
+class InstancesQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """``hub.query.instances``: discovery of one service's instances.
+
+    ``healthy_only`` keeps instances whose health is ``healthy`` and that are not
+    flapping (during self-preservation also the at-risk ones, marked ``at_risk``);
+    ``pick`` returns one instance chosen by the strategy; ``version`` and
+    ``metadata`` (every given key must be equal) filter.
+    """
+
+    service_name: Name
+    healthy_only: bool = False
+    pick: PickStrategy | None = None
+    version: Version | None = None
+    metadata: Annotated[dict[MetaKey, MetaValue], msgspec.Meta(max_length=32)] = {}
+    min_seq: SeqNo | None = None
+    correlation_id: CorrelationId | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 1000
+    cursor: Annotated[str, msgspec.Meta(max_length=200)] | None = None
+
+
+class HealthQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """``hub.query.health``: per-service and overall health (one service if named)."""
+
+    service_name: Name | None = None
+    min_seq: SeqNo | None = None
+    correlation_id: CorrelationId | None = None
+
+
+Q = TypeVar("Q", ServicesQuery, ServiceQuery, InstancesQuery, HealthQuery)
 
 
 class StandardResponse(msgspec.Struct, kw_only=True, omit_defaults=False):

@@ -1,4 +1,8 @@
-"""Pure reactions to events: ``(state, event, now) -> (state, [events])``. No I/O."""
+"""Pure reactions to events: ``(state, event, now) -> (state, [events])``. No I/O.
+
+Ingress events go through ``react``; the timer's decisions come from ``tick``
+(``handlers.liveness``) and are folded with ``evolve`` like everything else.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,29 @@ from collections.abc import Callable
 
 from events.model import (
     Event,
+    FlappingEnded,
+    FlappingStarted,
     HeartbeatReceived,
     InputRejected,
+    InstanceExpired,
+    InstanceHealthChanged,
+    SelfPreservationEnded,
+    SelfPreservationStarted,
     ServiceDeregistered,
     ServiceRegistered,
 )
-from handlers.registry import RegistryState, decide, evolve, fold, handle
+from handlers.liveness import tick
+from handlers.registry import LivenessPolicy, RegistryState, decide, evolve, fold, handle
 
 Reaction = Callable[[RegistryState, Event, float], tuple[RegistryState, list[Event]]]
+
+
+def record(state: RegistryState, event: Event, now: float) -> tuple[RegistryState, list[Event]]:
+    """A decision already taken (by the hub's timer): recorded as is."""
+    del now
+    evolve(state, event)
+    return state, [event]
+
 
 # The one registry of reactions: which handler reacts to which event type.
 REACTIONS: dict[type[Event], Reaction] = {
@@ -21,6 +40,12 @@ REACTIONS: dict[type[Event], Reaction] = {
     HeartbeatReceived: handle,
     ServiceDeregistered: handle,
     InputRejected: handle,
+    InstanceHealthChanged: record,
+    InstanceExpired: record,
+    FlappingStarted: record,
+    FlappingEnded: record,
+    SelfPreservationStarted: record,
+    SelfPreservationEnded: record,
 }
 
 
@@ -33,4 +58,14 @@ def react(state: RegistryState, event: Event, now: float) -> tuple[RegistryState
     return reaction(state, event, now)
 
 
-__all__ = ["REACTIONS", "RegistryState", "decide", "evolve", "fold", "handle", "react"]
+__all__ = [
+    "REACTIONS",
+    "LivenessPolicy",
+    "RegistryState",
+    "decide",
+    "evolve",
+    "fold",
+    "handle",
+    "react",
+    "tick",
+]

@@ -5,6 +5,13 @@
 the clock. For speed the state is updated in place by ``evolve`` (a registry of
 10,000 instances cannot be copied per heartbeat); ``decide`` never mutates it.
 The same fold is the reference the projections are checked against.
+
+Health. An instance's ``status`` changes only through recorded events
+(``InstanceHealthChanged``, ``FlappingStarted/Ended``, ``InstanceExpired``), so
+replay never re-decides. A heartbeat carries the instance's own report; when it
+differs from the recorded status the hub records a change (or, if the instance
+changes too often, that it is flapping). Lease decisions (``critical``, expiry,
+self-preservation) are taken by ``handlers.liveness.tick`` from the hub's timer.
 """
 
 from __future__ import annotations
@@ -12,10 +19,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from events.model import (
     Event,
+    FlappingEnded,
+    FlappingStarted,
     HeartbeatReceived,
     InputRejected,
+    InstanceExpired,
+    InstanceHealthChanged,
+    SelfPreservationEnded,
+    SelfPreservationStarted,
     ServiceDeregistered,
     ServiceRegistered,
 )
@@ -23,13 +38,57 @@ from handlers.ledger import SeqLedger
 
 InstanceKey = tuple[str, str, str]  # tenant, service_name, instance_id
 
-LIVE = "healthy"
+HEALTHY = "healthy"
+DEGRADED = "degraded"
+UNHEALTHY = "unhealthy"
+CRITICAL = "critical"  # missed its lease: no heartbeat within the TTL
 DEREGISTERED = "deregistered"
+EXPIRED = "expired"
+LIVE = HEALTHY  # the health of a newly registered instance
+GONE = frozenset({DEREGISTERED, EXPIRED})
+
+DEFAULT_EXPIRE_AFTER_S = 60.0
+CHANGES_KEPT = 16  # recent health changes remembered per instance (flap detection)
+
+
+@dataclass(frozen=True)
+class LivenessPolicy:
+    """The hub's liveness rules (configuration; decisions made with it are recorded).
+
+    Attributes:
+        expire_after_s: default time an instance may stay critical before it expires.
+        flap_window_s, flap_threshold: this many health changes within the window
+            mark an instance as flapping.
+        flap_quiet_s: a flapping instance whose reports have not changed for this
+            long is stable again (hysteresis: entering needs many changes, leaving
+            needs none for a while).
+        preservation_share, preservation_min: self-preservation starts when at
+            least this share of a tenant's live instances, and at least this many,
+            are critical while one of them is due to expire.
+        preservation_max_s: the bound: self-preservation ends by itself after this.
+        max_lag_s: lease decisions are taken only while the hub is this close to
+            the head of its ingress (a hub that is behind has not seen the latest
+            heartbeats, so it must not judge them missing).
+    """
+
+    expire_after_s: float = DEFAULT_EXPIRE_AFTER_S
+    flap_window_s: float = 30.0
+    flap_threshold: int = 5
+    flap_quiet_s: float = 10.0
+    preservation_share: float = 0.5
+    preservation_min: int = 3
+    preservation_max_s: float = 60.0
+    max_lag_s: float = 1.0
 
 
 @dataclass
 class Instance:
-    """What the registry knows of one instance (one row of ``service_registry``)."""
+    """What the registry knows of one instance (one row of ``service_registry``).
+
+    ``reported_changed_at`` and ``changes`` are the hub's short-term memory for
+    flap detection: derived from recorded events but not part of any view (after
+    a restart they may be less complete, which can only delay a flap detection).
+    """
 
     tenant: str
     service_name: str
@@ -47,10 +106,26 @@ class Instance:
     registered_at: float
     last_seen: float
     load: float | None = None
+    ttl_s: float = 30.0
+    expire_after_s: float = DEFAULT_EXPIRE_AFTER_S
+    status_since: float = 0.0
+    flapping: bool = False
+    reported: str = HEALTHY
+    checks: dict[str, Any] = field(default_factory=dict)
+    reported_changed_at: float = 0.0
+    changes: list[float] = field(default_factory=list)
 
     @property
     def live(self) -> bool:
-        return self.status != DEREGISTERED
+        return self.status not in GONE
+
+
+@dataclass(frozen=True)
+class Preservation:
+    """A tenant's self-preservation period in force."""
+
+    since: float
+    until: float
 
 
 @dataclass
@@ -58,23 +133,41 @@ class RegistryState:
     """The fold of the event log.
 
     Attributes:
-        instances: every instance ever registered, deregistered ones included
-            (the registry keeps its history; the live view leaves them out).
+        instances: every instance ever registered, deregistered and expired ones
+            included (the registry keeps its history; the live view leaves them out).
         rejected: count of rejected inputs per tenant.
         ingress: the ingress sequences already recorded, which the ingest loop
             uses to skip re-delivered input after a crash.
+        preservation: tenants in self-preservation now.
+        preservation_cooldown: per tenant, the time before which self-preservation
+            may not start again (after one ended at its bound).
+        policy: the liveness rules decisions are taken with.
     """
 
     instances: dict[InstanceKey, Instance] = field(default_factory=dict)
     rejected: dict[str, int] = field(default_factory=dict)
     ingress: SeqLedger = field(default_factory=SeqLedger)
+    preservation: dict[str, Preservation] = field(default_factory=dict)
+    preservation_cooldown: dict[str, float] = field(default_factory=dict)
+    policy: LivenessPolicy = field(default_factory=LivenessPolicy)
 
     def live(self, key: InstanceKey) -> Instance | None:
         inst = self.instances.get(key)
         return inst if inst is not None and inst.live else None
 
 
-def _key(event: ServiceRegistered | ServiceDeregistered | HeartbeatReceived) -> InstanceKey:
+InstanceEvent = (
+    ServiceRegistered
+    | ServiceDeregistered
+    | HeartbeatReceived
+    | InstanceHealthChanged
+    | InstanceExpired
+    | FlappingStarted
+    | FlappingEnded
+)
+
+
+def key_of(event: InstanceEvent) -> InstanceKey:
     return (event.tenant, event.service_name, event.instance_id)
 
 
@@ -90,26 +183,150 @@ def unknown_instance(event: HeartbeatReceived | ServiceDeregistered) -> InputRej
         reason_code="UNKNOWN_INSTANCE",
         reason=(
             f"{what} for {event.service_name}/{event.instance_id}, which is not registered "
-            f"in tenant {event.tenant!r}; register it first"
+            f"(or has expired) in tenant {event.tenant!r}; register it first"
         ),
     )
+
+
+# --- decide ---------------------------------------------------------------------------
+
+
+def health_change(
+    inst: Instance, status: str, reason: str, *, event_id: str, ts: float, policy: LivenessPolicy
+) -> Event:
+    """The event for a health change of ``inst``: the change itself, or FlappingStarted
+    when this change makes ``flap_threshold`` changes within the window."""
+    recent = [t for t in inst.changes if t > ts - policy.flap_window_s]
+    if len(recent) + 1 >= policy.flap_threshold:
+        return FlappingStarted(
+            event_id=event_id, tenant=inst.tenant, ts=ts, service_name=inst.service_name,
+            instance_id=inst.instance_id, changes=len(recent) + 1,
+            window_s=policy.flap_window_s, status=status,
+        )  # fmt: skip
+    return InstanceHealthChanged(
+        event_id=event_id, tenant=inst.tenant, ts=ts, service_name=inst.service_name,
+        instance_id=inst.instance_id, previous=inst.status, status=status, reason=reason,
+        last_seen=inst.last_seen,
+    )  # fmt: skip
+
+
+def _decide_heartbeat(state: RegistryState, hb: HeartbeatReceived) -> list[Event]:
+    inst = state.live(key_of(hb))
+    if inst is None:
+        return [unknown_instance(hb)]
+    recorded = msgspec.structs.replace(hb, last_seen=max(inst.last_seen, hb.ts))
+    if inst.flapping or hb.status == inst.status:
+        return [recorded]
+    if inst.status == CRITICAL:
+        reason = f"heartbeat resumed, reports {hb.status}"
+    else:
+        reason = f"instance reports {hb.status}"
+        failing = sorted(k for k, v in hb.checks.items() if _check_failed(v))
+        if failing:
+            reason += f" (failing checks: {', '.join(failing[:5])})"
+    change = health_change(inst, hb.status, reason, event_id=f"{hb.event_id}.health",
+                           ts=hb.ts, policy=state.policy)  # fmt: skip
+    return [recorded, change]
+
+
+def _check_failed(value: Any) -> bool:
+    """A check detail counts as failing when it says so (status/passing/ok fields)."""
+    if isinstance(value, dict):
+        status = value.get("status")
+        if isinstance(status, str):
+            return status.lower() not in ("ok", "pass", "passing", "healthy", "up")
+        for flag in ("passing", "ok", "healthy"):
+            if isinstance(value.get(flag), bool):
+                return not value[flag]
+    if isinstance(value, bool):
+        return not value
+    return False
 
 
 def decide(state: RegistryState, event: Event, now: float) -> list[Event]:
     """What to record for one candidate event from ingress.
 
-    A registration is always recorded (re-registration is idempotent); a
-    heartbeat or deregistration of an instance that is not live becomes an
-    ``InputRejected`` with reason ``UNKNOWN_INSTANCE``.
+    A registration is always recorded, with its lease resolved (re-registration is
+    idempotent; a critical instance that re-registers is healthy again); a heartbeat
+    or deregistration of an instance that is not live becomes an ``InputRejected`` with reason
+    ``UNKNOWN_INSTANCE``; a heartbeat reporting a different health also records
+    the change.
     """
-    del now  # the ingress events carry their own time; timers (later) use now
+    del now  # ingress events carry their own time; timers (handlers.liveness) use now
     match event:
-        case HeartbeatReceived() | ServiceDeregistered():
-            if state.live(_key(event)) is None:
+        case HeartbeatReceived():
+            return _decide_heartbeat(state, event)
+        case ServiceDeregistered():
+            if state.live(key_of(event)) is None:
                 return [unknown_instance(event)]
+            return [event]
+        case ServiceRegistered():
+            # The lease is resolved now and recorded, so replay never depends on config.
+            event = msgspec.structs.replace(
+                event,
+                ttl_s=event.ttl_s or 3 * event.heartbeat_interval_s,
+                expire_after_s=event.expire_after_s or state.policy.expire_after_s,
+            )
+            inst = state.live(key_of(event))
+            if inst is not None and inst.status == CRITICAL and not inst.flapping:
+                return [event, health_change(inst, HEALTHY, "re-registered",
+                                             event_id=f"{event.event_id}.health", ts=event.ts,
+                                             policy=state.policy)]  # fmt: skip
             return [event]
         case _:
             return [event]
+
+
+# --- evolve ---------------------------------------------------------------------------
+
+
+def _set_status(inst: Instance, status: str, ts: float) -> None:
+    if status != inst.status:
+        inst.status = status
+        inst.status_since = ts
+
+
+def _registered(state: RegistryState, event: ServiceRegistered) -> None:
+    key = key_of(event)
+    previous = state.live(key)
+    ttl = event.ttl_s or 3 * event.heartbeat_interval_s
+    expire_after = event.expire_after_s or DEFAULT_EXPIRE_AFTER_S
+    if previous is not None:  # re-registration: same life, new details
+        previous.host, previous.port, previous.protocol = event.host, event.port, event.protocol
+        previous.health_endpoint, previous.version = event.health_endpoint, event.version
+        previous.metadata = dict(event.metadata)
+        previous.transport_preferences = list(event.transport_preferences)
+        previous.heartbeat_interval_s = event.heartbeat_interval_s
+        previous.depends_on = list(event.depends_on)
+        previous.ttl_s, previous.expire_after_s = ttl, expire_after
+        previous.last_seen = max(previous.last_seen, event.ts)
+        return
+    state.instances[key] = Instance(
+        tenant=event.tenant, service_name=event.service_name, instance_id=event.instance_id,
+        host=event.host, port=event.port, protocol=event.protocol,
+        health_endpoint=event.health_endpoint, version=event.version,
+        metadata=dict(event.metadata), transport_preferences=list(event.transport_preferences),
+        heartbeat_interval_s=event.heartbeat_interval_s, depends_on=list(event.depends_on),
+        status=LIVE, registered_at=event.ts, last_seen=event.ts,
+        ttl_s=ttl, expire_after_s=expire_after, status_since=event.ts,
+    )  # fmt: skip
+
+
+def _heartbeat(state: RegistryState, event: HeartbeatReceived) -> None:
+    inst = state.instances.get(key_of(event))
+    if inst is None:
+        return
+    if event.status != inst.reported:
+        inst.reported_changed_at = event.ts
+    inst.reported = event.status
+    inst.load = event.load
+    inst.checks = dict(event.checks)
+    inst.last_seen = max(inst.last_seen, event.last_seen or event.ts)
+
+
+def _remember_change(inst: Instance, ts: float) -> None:
+    inst.changes.append(ts)
+    del inst.changes[:-CHANGES_KEPT]
 
 
 def evolve(state: RegistryState, event: Event) -> RegistryState:
@@ -117,37 +334,44 @@ def evolve(state: RegistryState, event: Event) -> RegistryState:
     if event.ingress_seq:
         state.ingress.add(event.ingress_seq)
     match event:
-        case ServiceRegistered():
-            key = _key(event)
-            previous = state.live(key)
-            state.instances[key] = Instance(
-                tenant=event.tenant,
-                service_name=event.service_name,
-                instance_id=event.instance_id,
-                host=event.host,
-                port=event.port,
-                protocol=event.protocol,
-                health_endpoint=event.health_endpoint,
-                version=event.version,
-                metadata=dict(event.metadata),
-                transport_preferences=list(event.transport_preferences),
-                heartbeat_interval_s=event.heartbeat_interval_s,
-                depends_on=list(event.depends_on),
-                status=LIVE,
-                registered_at=previous.registered_at if previous else event.ts,
-                last_seen=max(event.ts, previous.last_seen) if previous else event.ts,
-                load=previous.load if previous else None,
-            )
         case HeartbeatReceived():
-            inst = state.live(_key(event))
-            if inst is not None:
-                inst.status = event.status
-                inst.last_seen = max(inst.last_seen, event.ts)
-                inst.load = event.load
+            _heartbeat(state, event)
+        case ServiceRegistered():
+            _registered(state, event)
         case ServiceDeregistered():
-            inst = state.live(_key(event))
+            inst = state.live(key_of(event))
             if inst is not None:
-                inst.status = DEREGISTERED
+                _set_status(inst, DEREGISTERED, event.ts)
+                inst.flapping = False
+        case InstanceHealthChanged():
+            inst = state.live(key_of(event))
+            if inst is not None:
+                _set_status(inst, event.status, event.ts)
+                _remember_change(inst, event.ts)
+        case FlappingStarted():
+            inst = state.live(key_of(event))
+            if inst is not None:
+                _set_status(inst, event.status, event.ts)
+                _remember_change(inst, event.ts)
+                inst.flapping = True
+                inst.reported_changed_at = max(inst.reported_changed_at, event.ts)
+        case FlappingEnded():
+            inst = state.live(key_of(event))
+            if inst is not None:
+                _set_status(inst, event.status, event.ts)
+                inst.flapping = False
+                inst.changes.clear()
+        case InstanceExpired():
+            inst = state.live(key_of(event))
+            if inst is not None:
+                _set_status(inst, EXPIRED, event.ts)
+                inst.flapping = False
+        case SelfPreservationStarted():
+            state.preservation[event.tenant] = Preservation(since=event.ts, until=event.until)
+        case SelfPreservationEnded():
+            period = state.preservation.pop(event.tenant, None)
+            if period is not None and event.reason == "bound_reached":
+                state.preservation_cooldown[event.tenant] = event.ts + (period.until - period.since)
         case InputRejected():
             state.rejected[event.tenant] = state.rejected.get(event.tenant, 0) + 1
         case _:

@@ -14,13 +14,13 @@ import redis.asyncio as aioredis
 import structlog
 from nats.aio.client import Client
 
-from handlers import RegistryState, evolve
+from handlers import LivenessPolicy, RegistryState, evolve
 from hub.config import HubConfig
 from hub.eventlog.jetstream import JetStreamEventLog
 from hub.eventlog.kafka import KafkaEventLog
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused
-from hub.ingest import Ingest
+from hub.ingest import Ingest, ingress_first_seq
 from hub.metrics import Metrics
 from hub.progress import Progress
 from hub.projector import run_projection
@@ -36,7 +36,8 @@ def make_event_log(config: HubConfig, nc: Client | None, *, read_only: bool = Fa
     """The configured event log; ``read_only`` for tools that must not append."""
     if config.event_log == "kafka":
         return KafkaEventLog(config.kafka_brokers, config.kafka_topic,
-                             partitions=config.kafka_partitions, read_only=read_only)  # fmt: skip
+                             partitions=config.kafka_partitions, read_only=read_only,
+                             segment_ms=config.kafka_segment_ms)  # fmt: skip
     if nc is None:
         raise ValueError("the JetStream event log needs a NATS connection")
     return JetStreamEventLog(nc)
@@ -58,10 +59,18 @@ async def connect_postgres(config: HubConfig, *, timeout: float = 30.0) -> async
             await asyncio.sleep(0.5)
 
 
-async def rebuild_state(event_log: EventLog) -> tuple[RegistryState, dict[int, int]]:
-    """Fold the whole log into the hub's state; returns it with the log's end."""
+async def rebuild_state(
+    event_log: EventLog, policy: LivenessPolicy | None = None, *, ingress_first_seq: int = 0
+) -> tuple[RegistryState, dict[int, int]]:
+    """Fold the whole log into the hub's state; returns it with the log's end.
+
+    ``ingress_first_seq``: the first message still in the ingress stream. Every
+    sequence below it was acknowledged, hence recorded; saying so up front keeps
+    the ledger small although the log no longer holds superseded heartbeats.
+    """
     end = await event_log.end_positions()
-    state = RegistryState()
+    state = RegistryState(policy=policy or LivenessPolicy())
+    state.ingress.raise_floor(ingress_first_seq)
     count = 0
     with gc_paused():
         async for records in event_log.read(None, follow=False, batch=5000):
@@ -90,6 +99,7 @@ class Hub:
         self.projections: list[Projection] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._stopped = False
 
     async def start(self) -> None:
         c = self.config
@@ -110,7 +120,8 @@ class Hub:
         ]
         for p in self.projections:
             await p.setup()
-        state, end = await rebuild_state(self.event_log)
+        first_seq = await ingress_first_seq(self.nc)
+        state, end = await rebuild_state(self.event_log, c.liveness, ingress_first_seq=first_seq)
         self.ingest = Ingest(self.nc, self.event_log, state, c, metrics=self.metrics,
                              progress=self.progress, clock=self.clock)  # fmt: skip
         await self.ingest.setup()
@@ -137,6 +148,10 @@ class Hub:
         await self._stop.wait()
 
     async def stop(self) -> None:
+        """Stop everything, bounded in time; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self.queries is not None:
             await self.queries.stop()

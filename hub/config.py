@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from events.names import TENANT_PATTERN
+from handlers.registry import LivenessPolicy
 
 # Every environment variable the hub reads, and what it means.
 ENV_VARS: dict[str, str] = {
@@ -29,6 +30,29 @@ ENV_VARS: dict[str, str] = {
     "HUB_KAFKA_TOPIC": "Kafka topic of the event log",
     "HUB_TENANTS": "comma separated allow-list of tenants; empty = any valid tenant name",
     "HUB_LOG_FORMAT": "'json' or 'console'",
+    "HUB_KAFKA_SEGMENT_MS": "Kafka log segment age before compaction may clean it (ms)",
+    "HUB_EXPIRE_AFTER_S": "default time an instance stays critical before it expires",
+    "HUB_FLAP_WINDOW_S": "window in which health changes are counted for flap detection",
+    "HUB_FLAP_THRESHOLD": "health changes within the window that mark an instance flapping",
+    "HUB_FLAP_QUIET_S": "time without changes after which a flapping instance is stable",
+    "HUB_PRESERVATION_SHARE": "share of a tenant's instances critical at once that starts "
+    "self-preservation (0..1)",
+    "HUB_PRESERVATION_MIN": "minimum number of critical instances for self-preservation",
+    "HUB_PRESERVATION_MAX_S": "the bound: self-preservation ends by itself after this",
+    "HUB_TICK_S": "period of the lease timer",
+}
+
+# Numeric settings read from the environment: variable -> (field, type, lower bound).
+_NUMERIC: dict[str, tuple[str, type, float]] = {
+    "HUB_KAFKA_SEGMENT_MS": ("kafka_segment_ms", int, 1),
+    "HUB_EXPIRE_AFTER_S": ("expire_after_s", float, 0.001),
+    "HUB_FLAP_WINDOW_S": ("flap_window_s", float, 0.001),
+    "HUB_FLAP_THRESHOLD": ("flap_threshold", int, 2),
+    "HUB_FLAP_QUIET_S": ("flap_quiet_s", float, 0.001),
+    "HUB_PRESERVATION_SHARE": ("preservation_share", float, 0.0),
+    "HUB_PRESERVATION_MIN": ("preservation_min", int, 1),
+    "HUB_PRESERVATION_MAX_S": ("preservation_max_s", float, 0.001),
+    "HUB_TICK_S": ("tick_s", float, 0.01),
 }
 
 
@@ -62,6 +86,26 @@ class HubConfig:
     ingest_batch: int = 256
     # Read-your-writes: how long a query with min_seq may wait.
     min_seq_wait_s: float = 5.0
+    # The event log's compaction (Kafka; JetStream rolls heartbeats up at once).
+    kafka_segment_ms: int = 10 * 60 * 1000
+    # Liveness (see handlers.registry.LivenessPolicy).
+    expire_after_s: float = 60.0
+    flap_window_s: float = 30.0
+    flap_threshold: int = 5
+    flap_quiet_s: float = 10.0
+    preservation_share: float = 0.5
+    preservation_min: int = 3
+    preservation_max_s: float = 60.0
+    tick_s: float = 0.25
+
+    @property
+    def liveness(self) -> LivenessPolicy:
+        return LivenessPolicy(
+            expire_after_s=self.expire_after_s, flap_window_s=self.flap_window_s,
+            flap_threshold=self.flap_threshold, flap_quiet_s=self.flap_quiet_s,
+            preservation_share=self.preservation_share, preservation_min=self.preservation_min,
+            preservation_max_s=self.preservation_max_s,
+        )  # fmt: skip
 
     @property
     def postgres_dsn(self) -> str:
@@ -103,7 +147,20 @@ class HubConfig:
         for tenant in tenants:
             if not re.fullmatch(TENANT_PATTERN, tenant):
                 raise ConfigError(f"HUB_TENANTS: {tenant!r} is not a valid tenant name")
+        numeric: dict[str, float | int] = {}
+        for name, (attr, kind, lowest) in _NUMERIC.items():
+            raw = env.get(name, "").strip()
+            if not raw:
+                continue
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise ConfigError(f"{name}={raw!r}: not a number ({kind.__name__})") from None
+            if not value >= lowest or (attr == "preservation_share" and value > 1):
+                raise ConfigError(f"{name}={raw!r}: out of range")
+            numeric[attr] = value
         return cls(
+            **numeric,  # type: ignore[arg-type]
             nats_urls=tuple(u.strip() for u in get("NATS_URL", ",".join(d.nats_urls)).split(",")),
             postgres_host=get("POSTGRES_HOST", d.postgres_host),
             postgres_port=port("POSTGRES_PORT", d.postgres_port),
@@ -139,4 +196,4 @@ class HubConfig:
             "HUB_KAFKA_TOPIC": self.kafka_topic,
             "HUB_TENANTS": ",".join(sorted(self.tenants)),
             "HUB_LOG_FORMAT": self.log_format,
-        }
+        } | {name: str(getattr(self, attr)) for name, (attr, _, _) in _NUMERIC.items()}

@@ -2,10 +2,14 @@
 
 Every ingress message becomes exactly one recorded event (a registration,
 heartbeat, deregistration, or an ``InputRejected``), whose id is derived from
-the ingress sequence. Messages are acknowledged only after their events are in
-the log. After a crash the hub rebuilds its state from the log, whose highest
-ingress sequence is the watermark: re-delivered messages at or below it are
-already recorded and are only acknowledged.
+the ingress sequence, plus what the handlers derive from it (a health change).
+Messages are acknowledged only after their events are in the log. After a crash
+the hub rebuilds its state from the log; the ledger of recorded ingress
+sequences tells which re-delivered messages are already recorded.
+
+The same loop runs the lease timer (``handlers.liveness.tick``) between
+batches, so timer decisions and ingress decisions are taken one at a time on
+one state and recorded in the order they were taken.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from events.wire import (
     derive_instance_id,
     parse_ingress,
 )
-from handlers import RegistryState, react
+from handlers import RegistryState, evolve, react, tick
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.metrics import Metrics
@@ -66,7 +70,18 @@ from hub.progress import Progress
 log = structlog.get_logger(__name__)
 
 EXCERPT_BYTES = 256
-ANNOUNCED = (ServiceRegistered, ServiceDeregistered, InputRejected)
+# Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats (the
+# bulk; a heartbeat that changes health is announced as the change).
+ANNOUNCED = tuple(t for t in WATCH_KIND if t is not HeartbeatReceived)
+
+
+async def ingress_first_seq(nc: Client) -> int:
+    """The first sequence still in the ingress stream (0 if there is no stream yet)."""
+    try:
+        info = await nc.jetstream().stream_info(INGRESS_STREAM)
+    except nats.js.errors.NotFoundError:
+        return 0
+    return int(info.state.first_seq)
 
 
 @dataclass(frozen=True)
@@ -93,6 +108,7 @@ def to_event(
                 health_endpoint=msg.health_endpoint, metadata=dict(msg.metadata),
                 transport_preferences=list(msg.transport_preferences),
                 heartbeat_interval_s=msg.heartbeat_interval_s, depends_on=list(msg.depends_on),
+                ttl_s=msg.ttl_s or 0.0, expire_after_s=msg.expire_after_s or 0.0,
             )  # fmt: skip
         case HeartbeatMessage():
             return HeartbeatReceived(
@@ -165,6 +181,10 @@ class Ingest:
         self._progress = progress
         self._clock = clock
         self._batches = 0
+        # Leases run from the hub's start at the earliest (see liveness.lease_deadline).
+        self.started_at = clock()
+        self._last_tick = 0.0
+        self._caught_up = False
 
     async def setup(self) -> None:
         """Create the ingress and dead-letter streams and the durable consumer."""
@@ -225,14 +245,37 @@ class Ingest:
 
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self._js.pull_subscribe_bind(INGRESS_CONSUMER, stream=INGRESS_STREAM)
+        tick_s = self._config.tick_s
         while not stop.is_set():
             try:
-                msgs = await sub.fetch(self._config.ingest_batch, timeout=0.5)
+                msgs = await sub.fetch(self._config.ingest_batch, timeout=tick_s)
             except (TimeoutError, nats.errors.TimeoutError):
-                continue
+                msgs = []
+                self._caught_up = self._nc.is_connected  # nothing waiting in ingress
             except nats.errors.ConnectionClosedError:
                 return
-            await self.process(msgs)
+            if msgs:
+                await self.process(msgs)
+            if self._clock() - self._last_tick >= tick_s:
+                await self.run_timers()
+
+    async def run_timers(self) -> list[Event]:
+        """Take and record the lease timer's decisions due now."""
+        now = self._clock()
+        self._last_tick = now
+        judge = self._caught_up and self._nc.is_connected
+        if not judge:
+            self._metrics.inc("lease_decisions_deferred_lagging")
+        decided = tick(self.state, now, lease_floor=self.started_at, judge_leases=judge)
+        if not decided:
+            return decided
+        for e in decided:
+            evolve(self.state, e)
+            self._metrics.inc(f"timer_{type(e).__name__}")
+        positions = await self._record(decided, [])
+        await self._announce(decided)
+        await self._progress.appended(self.state.ingress.floor, positions)
+        return decided
 
     async def process(self, msgs: list[Msg]) -> None:
         """Record the events of one fetched batch, then acknowledge it."""
@@ -262,6 +305,12 @@ class Ingest:
         await self._announce(recorded)
         for msg in msgs:
             await msg.ack()
+        last = msgs[-1].metadata
+        # Caught up: nothing left in ingress, or what is left is recent (lease
+        # decisions need the hub to have seen the latest heartbeats).
+        self._caught_up = last.num_pending == 0 or (
+            now - last.timestamp.timestamp() < self.state.policy.max_lag_s
+        )
         self._batches += 1
         if self.state.ingress.above and (
             self._batches % 50 == 0 or len(self.state.ingress.above) > 10_000

@@ -8,6 +8,7 @@ request waiting for ``min_seq`` never holds up the others.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,8 @@ from nats.aio.subscription import Subscription
 from events.names import is_name
 from events.subjects import QUERY_PREFIX, query_route
 from events.wire import (
+    HealthQuery,
+    InstancesQuery,
     ServiceQuery,
     ServicesQuery,
     StandardResponse,
@@ -34,7 +37,13 @@ from events.wire import (
 from hub.config import HubConfig
 from hub.metrics import Metrics
 from hub.progress import Progress
-from projections.redis_read import read_services
+from projections.redis_read import (
+    aggregate,
+    is_healthy,
+    overall,
+    read_preservation,
+    read_services,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -70,7 +79,11 @@ class QueryService:
         self._views: dict[str, Callable[[str, bytes], Awaitable[Answer]]] = {
             "services": self._services,
             "service": self._service,
+            "instances": self._instances,
+            "health": self._health,
         }
+        self._round_robin: dict[tuple[str, ...], int] = {}
+        self._random = random.Random()
 
     async def start(self, nc: Client) -> None:
         # Replies must fit the server's max payload; leave room for the envelope.
@@ -182,6 +195,77 @@ class QueryService:
             raise QueryError("NOT_FOUND", f"no instances after cursor {q.cursor!r}")
         return Answer(data[0], q.correlation_id, metadata)
 
+    async def _instances(self, tenant: str, payload: bytes) -> Answer:
+        """Discovery: a service's instances, filtered; one of them with ``pick``."""
+        q = parse_query(payload, InstancesQuery)
+        await self._await_seq(q.min_seq)
+        services = await read_services(self._redis, tenant, name=q.service_name)
+        if not services:
+            raise QueryError(
+                "NOT_FOUND", f"no live service {q.service_name!r} in tenant {tenant!r}"
+            )
+        found = [
+            i for i in services[0]["instances"]
+            if (q.version is None or i["version"] == q.version)
+            and all(i["metadata"].get(k, _MISSING) == v for k, v in q.metadata.items())
+        ]  # fmt: skip
+        if q.healthy_only:
+            # At-risk instances (critical while the hub doubts itself) come after the
+            # healthy ones, marked, rather than vanish: see SelfPreservationStarted.
+            found = [i for i in found if is_healthy(i)] + [i for i in found if i["at_risk"]]
+        if q.pick is not None:
+            return Answer([self._pick(tenant, q, found)], q.correlation_id,
+                          {"candidates": len(found), "pick": q.pick})  # fmt: skip
+        after = q.cursor
+        rows = [i for i in found if after is None or i["instance_id"] > after]
+        page = rows[: q.limit]
+        next_cursor = page[-1]["instance_id"] if len(rows) > len(page) else None
+        return Answer(page, q.correlation_id, {"next_cursor": next_cursor, "total": len(found)})
+
+    def _pick(self, tenant: str, q: InstancesQuery, found: list[dict[str, Any]]) -> dict[str, Any]:
+        """One instance by ``q.pick``, preferring instances that are not at risk."""
+        candidates = [i for i in found if not i["at_risk"]] or found
+        if not candidates:
+            raise QueryError("NOT_FOUND", f"no instance of {q.service_name!r} matches")
+        candidates.sort(key=lambda i: i["instance_id"])
+        if q.pick == "round_robin":
+            key = (tenant, q.service_name, str(q.healthy_only), q.version or "",
+                   msgspec.json.encode(sorted(q.metadata.items())).decode())  # fmt: skip
+            turn = self._round_robin.get(key, 0)
+            self._round_robin[key] = turn + 1
+            return candidates[turn % len(candidates)]
+        if q.pick == "least_load":
+            return min(candidates, key=lambda i: (i["load"] is None, i["load"] or 0.0))
+        return self._random.choice(candidates)
+
+    async def _health(self, tenant: str, payload: bytes) -> Answer:
+        """Per-service and overall health (HEALTHY / DEGRADED / UNHEALTHY)."""
+        q = parse_query(payload, HealthQuery)
+        await self._await_seq(q.min_seq)
+        services = await read_services(self._redis, tenant, name=q.service_name)
+        if q.service_name is not None and not services:
+            raise QueryError(
+                "NOT_FOUND", f"no live service {q.service_name!r} in tenant {tenant!r}"
+            )
+        rows = []
+        for svc in services:
+            instances = svc["instances"]
+            counts: dict[str, int] = {}
+            for i in instances:
+                counts[i["status"]] = counts.get(i["status"], 0) + 1
+            rows.append({
+                "service_name": svc["service_name"], "status": aggregate(instances),
+                "instances": len(instances), "by_status": counts,
+                "flapping": sum(1 for i in instances if i["flapping"]),
+                "at_risk": sum(1 for i in instances if i["at_risk"]),
+            })  # fmt: skip
+        data = {
+            "status": overall([r["status"] for r in rows]),
+            "services": rows,
+            "self_preservation": await read_preservation(self._redis, tenant),
+        }
+        return Answer(data, q.correlation_id)
+
     def _page(
         self, services: list[dict[str, Any]], *, limit: int, cursor: str | None
     ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -206,6 +290,9 @@ class QueryService:
             svc, inst = chosen[-1]
             next_cursor = f"{svc['service_name']}/{inst['instance_id']}"
         return data, {"next_cursor": next_cursor, "total_instances": total}
+
+
+_MISSING = object()
 
 
 @dataclass(frozen=True)

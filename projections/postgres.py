@@ -1,4 +1,5 @@
-"""PostgreSQL projection of the registry: ``service_registry`` and ``input_rejections``.
+"""PostgreSQL projection of the registry: ``service_registry``, ``input_rejections`` and
+``health_history``.
 
 A batch is applied by folding its events over the rows they touch (read in one
 query) with the same pure ``evolve`` as the hub, then writing each changed row
@@ -15,10 +16,11 @@ from collections.abc import Sequence
 import asyncpg
 
 from events.log import LogRecord, Positions, advance, unseen
-from events.model import HeartbeatReceived, InputRejected, ServiceDeregistered, ServiceRegistered
-from handlers.registry import InstanceKey, RegistryState, evolve
+from events.model import HEALTH_EVENTS, Event, InputRejected
+from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
 from projections.port import ViewMismatch
 from projections.render import (
+    HISTORY_COLUMNS,
     REGISTRY_COLUMNS,
     REJECTION_COLUMNS,
     ViewState,
@@ -26,6 +28,7 @@ from projections.render import (
     differences,
     expected_pg,
     instance_from_pg,
+    pg_history_row,
     pg_registry_row,
     pg_rejection_row,
     row_id,
@@ -36,7 +39,8 @@ _TYPES = {
     "port": "integer", "registered_at": "timestamptz", "last_seen": "timestamptz",
     "contract_validated": "boolean", "heartbeat_interval_s": "double precision",
     "load": "double precision", "metadata": "jsonb", "transport_preferences": "jsonb",
-    "depends_on": "jsonb",
+    "depends_on": "jsonb", "ttl_s": "double precision", "expire_after_s": "double precision",
+    "status_since": "timestamptz", "flapping": "boolean", "checks": "jsonb",
 }  # fmt: skip
 _UPSERT = (
     f"INSERT INTO service_registry ({', '.join(REGISTRY_COLUMNS)}) SELECT "
@@ -59,12 +63,20 @@ _REJECTED = (
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(REJECTION_COLUMNS)))}) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
+_HISTORY = (
+    f"INSERT INTO health_history ({', '.join(HISTORY_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i + 1}' for i in range(len(HISTORY_COLUMNS)))}) "
+    "ON CONFLICT (event_id) DO NOTHING"
+)
 _CHECKPOINT = """
 INSERT INTO projection_checkpoints (projection, partition, position) VALUES ($1, $2, $3)
 ON CONFLICT (projection, partition) DO UPDATE SET position = EXCLUDED.position, updated_at = now()
 """
-TABLES = {"service_registry": ("id", REGISTRY_COLUMNS), "input_rejections": ("event_id",
-          REJECTION_COLUMNS)}  # fmt: skip
+TABLES = {
+    "service_registry": ("id", REGISTRY_COLUMNS),
+    "input_rejections": ("event_id", REJECTION_COLUMNS),
+    "health_history": ("event_id", HISTORY_COLUMNS),
+}
 
 
 class PostgresRegistryProjection:
@@ -108,12 +120,15 @@ class PostgresRegistryProjection:
     async def _write(conn: asyncpg.Connection, todo: Sequence[LogRecord]) -> None:
         touched: set[InstanceKey] = set()
         rejections: list[InputRejected] = []
+        history: list[Event] = []
         for r in todo:
             e = r.event
-            if isinstance(e, ServiceRegistered | HeartbeatReceived | ServiceDeregistered):
-                touched.add((e.tenant, e.service_name, e.instance_id))
-            elif isinstance(e, InputRejected):
+            if isinstance(e, InstanceEvent):
+                touched.add(key_of(e))
+            if isinstance(e, InputRejected):
                 rejections.append(e)
+            elif isinstance(e, HEALTH_EVENTS):
+                history.append(e)
         if touched:
             existing = await conn.fetch(
                 "SELECT * FROM service_registry WHERE id = ANY($1::text[])",
@@ -131,6 +146,8 @@ class PostgresRegistryProjection:
                 await conn.execute(_UPSERT, *map(list, zip(*changed, strict=True)))
         if rejections:
             await conn.executemany(_REJECTED, [pg_rejection_row(e) for e in rejections])
+        if history:
+            await conn.executemany(_HISTORY, [pg_history_row(e) for e in history])
 
     # --- verify and rebuild ----------------------------------------------------------
 
@@ -173,6 +190,10 @@ class PostgresRegistryProjection:
             rejected = [pg_rejection_row(e) for e in view.rejections.values()]
             await conn.copy_records_to_table(
                 f"input_rejections{suffix}", records=rejected, columns=REJECTION_COLUMNS
+            )
+            history = [pg_history_row(e) for e in view.history.values()]
+            await conn.copy_records_to_table(
+                f"health_history{suffix}", records=history, columns=HISTORY_COLUMNS
             )
             problems = differences(expected_pg(view), await self._canonical(conn, suffix))
             if problems:

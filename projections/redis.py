@@ -6,6 +6,7 @@ Keys (``<t>`` = tenant):
 * ``hub:<t>:svc:<service>``             SET of the service's live instance ids
 * ``hub:<t>:inst:<service>:<instance>`` HASH of one live instance
 * ``hub:<t>:stats``                     HASH of counters (``rejected``, ``rejected:<code>``)
+* ``hub:<t>:preservation``              HASH since/until, while the tenant self-preserves
 * ``hub:_meta:tenants``                 SET of tenants that ever registered an instance
 * ``hub:_meta:checkpoint:<projection>`` HASH partition -> next position
 
@@ -25,8 +26,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from events.log import LogRecord, Positions, advance, unseen
-from events.model import HeartbeatReceived, InputRejected, ServiceDeregistered, ServiceRegistered
-from handlers.registry import InstanceKey, RegistryState, evolve
+from events.model import (
+    InputRejected,
+    SelfPreservationEnded,
+    SelfPreservationStarted,
+    ServiceRegistered,
+)
+from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
 from projections.port import ViewMismatch
 from projections.render import (
     RedisValue,
@@ -36,6 +42,7 @@ from projections.render import (
     expected_redis,
     instance_from_redis,
     redis_instance_hash,
+    redis_preservation_hash,
 )
 
 TENANTS_KEY = "hub:_meta:tenants"
@@ -56,6 +63,10 @@ def instance_key(tenant: str, service: str, instance: str) -> str:
 
 def stats_key(tenant: str) -> str:
     return f"hub:{tenant}:stats"
+
+
+def preservation_key(tenant: str) -> str:
+    return f"hub:{tenant}:preservation"
 
 
 def checkpoint_key(projection: str) -> str:
@@ -111,15 +122,20 @@ class RedisRegistryProjection:
         touched: set[InstanceKey] = set()
         stats: Counter[tuple[str, str]] = Counter()
         tenants: set[str] = set()
+        preservation: dict[str, SelfPreservationStarted | None] = {}
         for r in todo:
             e = r.event
-            if isinstance(e, ServiceRegistered | HeartbeatReceived | ServiceDeregistered):
-                touched.add((e.tenant, e.service_name, e.instance_id))
+            if isinstance(e, InstanceEvent):
+                touched.add(key_of(e))
                 if isinstance(e, ServiceRegistered):
                     tenants.add(e.tenant)
             elif isinstance(e, InputRejected):
                 stats[(e.tenant, "rejected")] += 1
                 stats[(e.tenant, f"rejected:{e.reason_code}")] += 1
+            elif isinstance(e, SelfPreservationStarted):
+                preservation[e.tenant] = e
+            elif isinstance(e, SelfPreservationEnded):
+                preservation[e.tenant] = None
         keys = sorted(touched)
         services = sorted({(t, s) for t, s, _ in keys})
         async with self._r.pipeline(transaction=False) as read:
@@ -156,6 +172,11 @@ class RedisRegistryProjection:
             writes.append(cmd("sadd", TENANTS_KEY, *sorted(tenants)))
         for (t, field), n in sorted(stats.items()):
             writes.append(cmd("hincrby", stats_key(t), field, n))
+        for t, started in sorted(preservation.items()):
+            writes.append(cmd("delete", preservation_key(t)))
+            if started is not None:
+                mapping = redis_preservation_hash(started.ts, started.until)
+                writes.append(cmd("hset", preservation_key(t), mapping=mapping))
         return writes
 
     # --- verify and rebuild ----------------------------------------------------------
@@ -171,7 +192,7 @@ class RedisRegistryProjection:
             k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
             if not k.startswith(f"{prefix}:_meta:checkpoint:")
         ]  # fmt: skip
-        hashes = [":inst:" in k or k.endswith(":stats") for k in names]
+        hashes = [":inst:" in k or k.endswith((":stats", ":preservation")) for k in names]
         async with self._r.pipeline(transaction=False) as pipe:
             for k, is_hash in zip(names, hashes, strict=True):
                 pipe.hgetall(k) if is_hash else pipe.smembers(k)

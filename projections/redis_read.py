@@ -8,7 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from projections.redis import instance_key, service_key, services_key
+from projections.redis import instance_key, preservation_key, service_key, services_key
 
 
 def iso(seconds: str | None) -> str | None:
@@ -17,8 +17,13 @@ def iso(seconds: str | None) -> str | None:
     return datetime.fromtimestamp(float(seconds), UTC).isoformat().replace("+00:00", "Z")
 
 
-def instance_view(raw: dict[str, str]) -> dict[str, Any]:
-    """One instance as the wire contract shows it."""
+def instance_view(raw: dict[str, str], *, preserving: bool = False) -> dict[str, Any]:
+    """One instance as the wire contract shows it.
+
+    ``at_risk``: the instance is critical while its tenant is in self-preservation,
+    so the hub is not sure it is really gone (it does not expire meanwhile).
+    """
+    status = raw["status"]
     return {
         "instance_id": raw["instance_id"],
         "service_name": raw["service_name"],
@@ -27,7 +32,14 @@ def instance_view(raw: dict[str, str]) -> dict[str, Any]:
         "protocol": raw["protocol"],
         "version": raw["version"],
         "health_endpoint": raw["health_endpoint"],
-        "status": raw["status"],
+        "status": status,
+        "flapping": raw.get("flapping") == "1",
+        "at_risk": preserving and status == "critical",
+        "reported_status": raw.get("reported_status", status),
+        "status_since": iso(raw.get("status_since")),
+        "ttl_s": float(raw.get("ttl_s", 0.0)),
+        "expire_after_s": float(raw.get("expire_after_s", 0.0)),
+        "checks": json.loads(raw.get("checks", "{}")),
         "metadata": json.loads(raw["metadata"]),
         "transport_preferences": json.loads(raw["transport_preferences"]),
         "depends_on": json.loads(raw["depends_on"]),
@@ -38,18 +50,48 @@ def instance_view(raw: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def service_status(instances: list[dict[str, Any]]) -> str:
-    """All instances healthy: healthy; none: unhealthy; otherwise degraded."""
-    healthy = sum(1 for i in instances if i["status"] == "healthy")
+def is_healthy(instance: dict[str, Any]) -> bool:
+    """Healthy and to be trusted: reports healthy and is not flapping."""
+    return bool(instance["status"] == "healthy" and not instance["flapping"])
+
+
+def aggregate(instances: list[dict[str, Any]]) -> str:
+    """A service's health: every instance healthy -> HEALTHY; some -> DEGRADED; none ->
+    UNHEALTHY (degraded, unhealthy, critical and flapping instances are not healthy)."""
+    healthy = sum(1 for i in instances if is_healthy(i))
     if instances and healthy == len(instances):
-        return "healthy"
-    return "unhealthy" if healthy == 0 else "degraded"
+        return "HEALTHY"
+    return "DEGRADED" if healthy else "UNHEALTHY"
+
+
+def overall(statuses: list[str]) -> str:
+    """The tenant's health from its services': all HEALTHY -> HEALTHY, all UNHEALTHY ->
+    UNHEALTHY, otherwise DEGRADED; UNKNOWN when no service is registered."""
+    if not statuses:
+        return "UNKNOWN"
+    if all(s == "HEALTHY" for s in statuses):
+        return "HEALTHY"
+    return "UNHEALTHY" if all(s == "UNHEALTHY" for s in statuses) else "DEGRADED"
+
+
+def service_status(instances: list[dict[str, Any]]) -> str:
+    """``aggregate`` in the lower case of ``hub.query.services``."""
+    return aggregate(instances).lower()
+
+
+async def read_preservation(r: aioredis.Redis, tenant: str) -> dict[str, Any] | None:
+    """The tenant's self-preservation period in force, if any."""
+    raw: dict[str, str] = await r.hgetall(preservation_key(tenant))  # type: ignore[assignment]
+    if not raw:
+        return None
+    return {"since": iso(raw["since"]), "until": iso(raw["until"])}
 
 
 async def read_services(
     r: aioredis.Redis, tenant: str, *, name: str | None = None
 ) -> list[dict[str, Any]]:
     """Live services of a tenant (or the one named), each with all its instances."""
+    preserving = await read_preservation(r, tenant) is not None
     if name is not None:
         names = [name]
     else:
@@ -68,7 +110,9 @@ async def read_services(
         hashes = iter(await pipe.execute())
     services = []
     for svc, ids in wanted:
-        instances = [instance_view(h) for h in (next(hashes) for _ in ids) if h]
+        instances = [
+            instance_view(h, preserving=preserving) for h in (next(hashes) for _ in ids) if h
+        ]
         if instances:
             services.append(
                 {"service_name": svc, "status": service_status(instances), "instances": instances}

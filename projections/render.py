@@ -15,8 +15,18 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from events.model import Event, InputRejected
-from handlers.registry import Instance, RegistryState, evolve
+from events.model import (
+    HEALTH_EVENTS,
+    Event,
+    FlappingEnded,
+    FlappingStarted,
+    InputRejected,
+    InstanceExpired,
+    InstanceHealthChanged,
+    SelfPreservationEnded,
+    SelfPreservationStarted,
+)
+from handlers.registry import EXPIRED, Instance, RegistryState, evolve
 
 CHECKPOINT_PREFIX = "_meta:checkpoint:"
 
@@ -44,11 +54,14 @@ class ViewState:
 
     registry: RegistryState = field(default_factory=RegistryState)
     rejections: dict[str, InputRejected] = field(default_factory=dict)
+    history: dict[str, Event] = field(default_factory=dict)
 
     def apply(self, event: Event) -> None:
         evolve(self.registry, event)
         if isinstance(event, InputRejected):
             self.rejections[event.event_id] = event
+        elif isinstance(event, HEALTH_EVENTS):
+            self.history[event.event_id] = event
 
 
 def fold_view(events: Iterable[Event]) -> ViewState:
@@ -64,9 +77,14 @@ REGISTRY_COLUMNS = (
     "id", "tenant_id", "service_name", "instance_id", "host", "port", "protocol",
     "health_endpoint", "version", "metadata", "status", "registered_at", "last_seen",
     "transport_preferences", "contract_validated", "heartbeat_interval_s", "depends_on", "load",
+    "ttl_s", "expire_after_s", "status_since", "flapping", "reported_status", "checks",
 )  # fmt: skip
 REJECTION_COLUMNS = (
     "event_id", "tenant_id", "ingress_seq", "subject", "reason_code", "reason", "excerpt", "ts",
+)  # fmt: skip
+HISTORY_COLUMNS = (
+    "event_id", "tenant_id", "service_name", "instance_id", "kind", "previous", "status",
+    "reason", "ts", "detail",
 )  # fmt: skip
 
 
@@ -78,7 +96,9 @@ def pg_registry_row(inst: Instance) -> tuple[Any, ...]:
         inst.health_endpoint, inst.version, json.dumps(inst.metadata, sort_keys=True),
         inst.status, ts(inst.registered_at), ts(inst.last_seen),
         json.dumps(inst.transport_preferences), False, inst.heartbeat_interval_s,
-        json.dumps(inst.depends_on), inst.load,
+        json.dumps(inst.depends_on), inst.load, inst.ttl_s, inst.expire_after_s,
+        ts(inst.status_since), inst.flapping, inst.reported,
+        json.dumps(inst.checks, sort_keys=True),
     )  # fmt: skip
 
 
@@ -93,7 +113,9 @@ def instance_from_pg(row: Mapping[str, Any]) -> Instance:
         heartbeat_interval_s=row["heartbeat_interval_s"],
         depends_on=json.loads(row["depends_on"]), status=row["status"],
         registered_at=row["registered_at"].timestamp(), last_seen=row["last_seen"].timestamp(),
-        load=row["load"],
+        load=row["load"], ttl_s=row["ttl_s"], expire_after_s=row["expire_after_s"],
+        status_since=row["status_since"].timestamp(), flapping=row["flapping"],
+        reported=row["reported_status"], checks=json.loads(row["checks"]),
     )  # fmt: skip
 
 
@@ -102,7 +124,41 @@ def pg_rejection_row(e: InputRejected) -> tuple[Any, ...]:
             e.excerpt, ts(e.ts))  # fmt: skip
 
 
-JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on"})
+def pg_history_row(e: Event) -> tuple[Any, ...]:
+    """One ``health_history`` row, in HISTORY_COLUMNS order (``detail`` as JSON text)."""
+    service = getattr(e, "service_name", "")
+    instance = getattr(e, "instance_id", "")
+    detail: dict[str, Any] = {}
+    match e:
+        case InstanceHealthChanged():
+            kind, previous, status, reason = "health_changed", e.previous, e.status, e.reason
+            detail = {"last_seen": e.last_seen}
+        case InstanceExpired():
+            kind, previous, status, reason = "expired", "critical", EXPIRED, e.reason
+            detail = {"last_seen": e.last_seen, "critical_since": e.critical_since}
+        case FlappingStarted():
+            kind, previous, status = "flapping_started", "", e.status
+            reason = f"{e.changes} health changes within {e.window_s:g} s"
+            detail = {"changes": e.changes, "window_s": e.window_s}
+        case FlappingEnded():
+            kind, previous, status = "flapping_ended", e.previous, e.status
+            reason = f"stable for {e.quiet_s:.1f} s"
+            detail = {"quiet_s": e.quiet_s}
+        case SelfPreservationStarted():
+            kind, previous, status = "self_preservation_started", "", "preserving"
+            reason = f"{e.critical} of {e.live} instances critical at once"
+            detail = {"critical": e.critical, "live": e.live, "share": e.share,
+                      "until": e.until, "at_risk": e.at_risk}  # fmt: skip
+        case SelfPreservationEnded():
+            kind, previous, status, reason = "self_preservation_ended", "preserving", "", e.reason
+            detail = {"critical": e.critical, "live": e.live}
+        case _:
+            raise TypeError(f"{type(e).__name__} is not a health event")
+    return (e.event_id, e.tenant, service, instance, kind, previous, status, reason, ts(e.ts),
+            json.dumps(detail, sort_keys=True))  # fmt: skip
+
+
+JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on", "checks", "detail"})
 
 
 def _canonical_numbers(value: Any) -> Any:
@@ -144,6 +200,10 @@ def expected_pg(view: ViewState) -> dict[str, str]:
         rows[f"input_rejections/{e.event_id}"] = canonical_pg(
             "input_rejections", REJECTION_COLUMNS, pg_rejection_row(e)
         )
+    for h in view.history.values():
+        rows[f"health_history/{h.event_id}"] = canonical_pg(
+            "health_history", HISTORY_COLUMNS, pg_history_row(h)
+        )
     return rows
 
 
@@ -166,6 +226,12 @@ def redis_instance_hash(inst: Instance) -> dict[str, str]:
         "status": inst.status,
         "registered_at": num(inst.registered_at),
         "last_seen": num(inst.last_seen),
+        "ttl_s": num(inst.ttl_s),
+        "expire_after_s": num(inst.expire_after_s),
+        "status_since": num(inst.status_since),
+        "flapping": "1" if inst.flapping else "0",
+        "reported_status": inst.reported,
+        "checks": json.dumps(inst.checks, sort_keys=True),
     }
     if inst.load is not None:
         h["load"] = num(inst.load)
@@ -182,8 +248,16 @@ def instance_from_redis(tenant: str, h: Mapping[str, str]) -> Instance:
         heartbeat_interval_s=float(h["heartbeat_interval_s"]),
         depends_on=json.loads(h["depends_on"]), status=h["status"],
         registered_at=float(h["registered_at"]), last_seen=float(h["last_seen"]),
-        load=float(h["load"]) if "load" in h else None,
+        load=float(h["load"]) if "load" in h else None, ttl_s=float(h["ttl_s"]),
+        expire_after_s=float(h["expire_after_s"]), status_since=float(h["status_since"]),
+        flapping=h["flapping"] == "1", reported=h["reported_status"],
+        checks=json.loads(h["checks"]),
     )  # fmt: skip
+
+
+def redis_preservation_hash(since: float, until: float) -> dict[str, str]:
+    """``hub:<t>:preservation``: present while the tenant is in self-preservation."""
+    return {"since": num(since), "until": num(until)}
 
 
 RedisValue = dict[str, str] | frozenset[str]
@@ -217,6 +291,8 @@ def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue
         counts[code] = counts.get(code, 0) + 1
     for t, counts in stats.items():
         keys[f"{prefix}:{t}:stats"] = {k: str(v) for k, v in counts.items()}
+    for t, period in view.registry.preservation.items():
+        keys[f"{prefix}:{t}:preservation"] = redis_preservation_hash(period.since, period.until)
     return keys
 
 

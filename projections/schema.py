@@ -50,6 +50,33 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX input_rejections_tenant ON input_rejections (tenant_id, ts);
     """,
+    # 2: leases and health (issue: liveness): the lease figures, health details and
+    #    the health history (every transition with its reason and time).
+    """
+    ALTER TABLE service_registry
+        ADD COLUMN ttl_s           double precision NOT NULL DEFAULT 30,
+        ADD COLUMN expire_after_s  double precision NOT NULL DEFAULT 60,
+        ADD COLUMN status_since    timestamptz NOT NULL DEFAULT now(),
+        ADD COLUMN flapping        boolean NOT NULL DEFAULT false,
+        ADD COLUMN reported_status text NOT NULL DEFAULT 'healthy',
+        ADD COLUMN checks          jsonb NOT NULL DEFAULT '{}';
+    CREATE INDEX service_registry_status ON service_registry (tenant_id, status);
+    CREATE TABLE health_history (
+        event_id      text PRIMARY KEY,
+        tenant_id     text NOT NULL,
+        service_name  text NOT NULL,   -- '' for tenant-wide events (self-preservation)
+        instance_id   text NOT NULL,
+        kind          text NOT NULL,   -- health_changed, expired, flapping_*, self_preservation_*
+        previous      text NOT NULL,
+        status        text NOT NULL,
+        reason        text NOT NULL,
+        ts            timestamptz NOT NULL,
+        detail        jsonb NOT NULL
+    );
+    CREATE INDEX health_history_instance
+        ON health_history (tenant_id, service_name, instance_id, ts);
+    CREATE INDEX health_history_ts ON health_history (tenant_id, ts);
+    """,
 ]
 
 _LOCK_ID = 0x48554253  # "HUBS": one migrator at a time across hub instances

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Sequence
 
 import nats.errors
@@ -20,7 +21,7 @@ from nats.js.api import (
 
 from events.codec import decode_event, encode_event
 from events.log import LogRecord, Positions
-from events.model import Event
+from events.model import Event, compaction_key
 
 log = structlog.get_logger(__name__)
 
@@ -28,11 +29,28 @@ STREAM = "HUB_EVENTS"
 SUBJECT_PREFIX = "hub.log"
 
 
+def subject_of(event: Event) -> str:
+    """``hub.log.<tenant>.<type>``; a heartbeat gets a subject of its own instance
+    (``hub.log.<tenant>.HeartbeatReceived.<digest of the instance>``) so that it can
+    roll up, i.e. replace, that instance's previous heartbeat."""
+    subject = f"{SUBJECT_PREFIX}.{event.tenant}.{type(event).__name__}"
+    key = compaction_key(event)
+    if key is not None:
+        subject += "." + hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+    return subject
+
+
 class JetStreamEventLog:
     """Events as messages of stream ``HUB_EVENTS`` on ``hub.log.<tenant>.<type>``.
 
     Each message carries ``Nats-Msg-Id: <event_id>``, so the stream itself drops
     a duplicate append within its duplicate window.
+
+    Bounded under heartbeat volume: a heartbeat is published with
+    ``Nats-Rollup: sub`` on its instance's subject, which makes the stream delete
+    that instance's previous heartbeat when it stores the new one. The log keeps
+    every other event and the latest heartbeat of each instance, which folds to
+    the same state as the whole history (see ``events.model.HeartbeatReceived``).
     """
 
     name = "jetstream"
@@ -49,6 +67,7 @@ class JetStreamEventLog:
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             duplicate_window=120.0,
+            allow_rollup_hdrs=True,
         )
         try:
             await self._js.add_stream(config)
@@ -61,12 +80,11 @@ class JetStreamEventLog:
     async def append(self, events: Sequence[Event]) -> Positions:
         futures = []
         for event in events:
-            subject = f"{SUBJECT_PREFIX}.{event.tenant}.{type(event).__name__}"
-            futures.append(
-                await self._js.publish_async(
-                    subject, encode_event(event), headers={"Nats-Msg-Id": event.event_id}
-                )
-            )
+            headers = {"Nats-Msg-Id": event.event_id}
+            if compaction_key(event) is not None:
+                headers["Nats-Rollup"] = "sub"
+            data = encode_event(event)
+            futures.append(await self._js.publish_async(subject_of(event), data, headers=headers))
         if not futures:
             return {}
         acks = await asyncio.gather(*futures)

@@ -4,22 +4,34 @@ Appends go through a transactional (hence idempotent) producer: a batch of
 events is one transaction, so after a crash readers (``read_committed``) see a
 whole batch or none of it. A restarted hub with the same ``transactional_id``
 fences off its zombie predecessor.
+
+Bounded under heartbeat volume: the topic is compacted (``cleanup.policy=compact``).
+Records are placed in partitions by their instance (tenant/service/instance, so
+one instance's events stay in order) but keyed for compaction: a heartbeat by
+its instance, so the cleaner keeps only the latest heartbeat of each instance;
+every other event by a unique key, so it is kept for ever. The compacted log
+folds to the same state as the whole history (see
+``events.model.HeartbeatReceived``). Compaction is lazy: the active segment and
+the last ``segment_ms`` of heartbeats stay until the cleaner runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.partitioner import murmur2
 
 from events.codec import decode_event, encode_event
 from events.log import LogRecord, Positions
-from events.model import Event, partition_key
+from events.model import Event, compaction_key, partition_key
 
 log = structlog.get_logger(__name__)
 
@@ -51,6 +63,7 @@ class KafkaEventLog:
         partitions: int = 6,
         transactional_id: str | None = None,
         read_only: bool = False,
+        segment_ms: int = 10 * 60 * 1000,
     ) -> None:
         self._brokers = ",".join(brokers)
         self.topic = topic
@@ -61,6 +74,12 @@ class KafkaEventLog:
         # A reader (replay, verify) must not start a producer: one with the hub's
         # transactional id would fence the running hub's producer.
         self._read_only = read_only
+        self._topic_config = {
+            "cleanup.policy": "compact",
+            "segment.ms": str(segment_ms),
+            "min.cleanable.dirty.ratio": "0.5",
+        }
+        self._partition_count = 0
 
     async def start(self) -> None:
         await self._ensure_topic()
@@ -82,16 +101,24 @@ class KafkaEventLog:
         await admin.start()
         try:
             if self.topic in await admin.list_topics():
-                return
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(self.topic, num_partitions=self._partitions, replication_factor=1)]
-                )
+                if not self._read_only:  # a topic made elsewhere gets the log's settings
+                    resource = ConfigResource(
+                        ConfigResourceType.TOPIC, self.topic, configs=self._topic_config
+                    )
+                    await admin.alter_configs([resource])
+            else:
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    await admin.create_topics([
+                        NewTopic(self.topic, num_partitions=self._partitions,
+                                 replication_factor=1, topic_configs=self._topic_config)
+                    ])  # fmt: skip
         finally:
             await admin.close()
         # Topic metadata propagates asynchronously; wait until partitions are visible.
         for _ in range(100):
-            if await self._partition_ids():
+            ids = await self._partition_ids()
+            if ids:
+                self._partition_count = len(ids)
                 return
             await asyncio.sleep(0.1)
 
@@ -120,7 +147,8 @@ class KafkaEventLog:
                     await self._producer.send(
                         self.topic,
                         value=encode_event(e),
-                        key=partition_key(e).encode(),
+                        key=self._record_key(e),
+                        partition=self.partition_of(e),
                         headers=[("event_id", e.event_id.encode())],
                     )
                     for e in events
@@ -131,6 +159,18 @@ class KafkaEventLog:
                 if md.offset + 1 > positions.get(md.partition, 0):
                     positions[md.partition] = md.offset + 1
             return positions
+
+    def partition_of(self, event: Event) -> int:
+        """The partition of ``event``: by its instance, as Kafka's default partitioner
+        would place a record keyed by ``partition_key`` (murmur2)."""
+        h: int = murmur2(partition_key(event).encode()) & 0x7FFFFFFF
+        return h % self._partition_count
+
+    @staticmethod
+    def _record_key(event: Event) -> bytes:
+        """The compaction key: the instance for a heartbeat, else unique (kept)."""
+        key = compaction_key(event)
+        return (key or f"{event.event_id}#{uuid.uuid4().hex}").encode()
 
     def _consumer(self) -> AIOKafkaConsumer:
         return log_reader(self._brokers)

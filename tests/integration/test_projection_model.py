@@ -32,8 +32,14 @@ from hypothesis.stateful import (
 from events.log import LogRecord, Positions, advance, covers, unseen
 from events.model import (
     Event,
+    FlappingEnded,
+    FlappingStarted,
     HeartbeatReceived,
     InputRejected,
+    InstanceExpired,
+    InstanceHealthChanged,
+    SelfPreservationEnded,
+    SelfPreservationStarted,
     ServiceDeregistered,
     ServiceRegistered,
     partition_key,
@@ -50,7 +56,10 @@ from projections.render import (
 
 PARTITIONS = 2
 KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
-RESET_PG = "TRUNCATE service_registry, input_rejections; DELETE FROM projection_checkpoints"
+RESET_PG = (
+    "TRUNCATE service_registry, input_rejections, health_history;"
+    " DELETE FROM projection_checkpoints"
+)
 
 # --- events as the wire lets them into the log ---------------------------------------
 # A tiny pool of names, so that events keep colliding on the same instances.
@@ -76,12 +85,13 @@ REGISTERED = st.builds(
                                    max_size=3),
     heartbeat_interval_s=st.floats(0, 3600, exclude_min=True),
     depends_on=st.lists(SERVICES, max_size=2),
+    ttl_s=st.floats(0, 3600), expire_after_s=st.floats(0, 3600),
 )  # fmt: skip
 HEARTBEAT = st.builds(
     HeartbeatReceived, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
     status=st.sampled_from(["healthy", "degraded", "unhealthy"]),
     load=st.none() | st.floats(min_value=0, allow_infinity=False),
-    checks=st.dictionaries(TEXT.filter(bool), SCALARS, max_size=2),
+    checks=st.dictionaries(TEXT.filter(bool), SCALARS, max_size=2), last_seen=st.just(0.0) | TS,
 )  # fmt: skip
 DEREGISTERED = st.builds(
     ServiceDeregistered, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
@@ -93,7 +103,25 @@ REJECTED = st.builds(
     reason_code=st.sampled_from(["INVALID_FIELD", "MALFORMED_JSON", "UNKNOWN_TENANT"]),
     reason=TEXT, excerpt=TEXT,
 )  # fmt: skip
-EVENTS = st.one_of(REGISTERED, REGISTERED, HEARTBEAT, HEARTBEAT, DEREGISTERED, REJECTED)
+STATUS = st.sampled_from(["healthy", "degraded", "unhealthy", "critical"])
+INSTANCE = {**ENVELOPE, "service_name": SERVICES, "instance_id": INSTANCES}
+HEALTH = st.one_of(
+    st.builds(InstanceHealthChanged, **INSTANCE, previous=STATUS, status=STATUS, reason=TEXT,
+              last_seen=TS),
+    st.builds(InstanceExpired, **INSTANCE, last_seen=TS, critical_since=TS, reason=TEXT),
+    st.builds(FlappingStarted, **INSTANCE, changes=st.integers(0, 9), window_s=FINITE,
+              status=STATUS),
+    st.builds(FlappingEnded, **INSTANCE, previous=STATUS, status=STATUS,
+              quiet_s=st.floats(0, 1e6)),
+    st.builds(SelfPreservationStarted, **ENVELOPE, critical=st.integers(0, 9),
+              live=st.integers(0, 9), share=st.floats(0, 1), until=TS,
+              at_risk=st.lists(TEXT, max_size=2)),
+    st.builds(SelfPreservationEnded, **ENVELOPE, reason=st.sampled_from(["bound_reached",
+              "recovered"]), critical=st.integers(0, 9), live=st.integers(0, 9)),
+)  # fmt: skip
+EVENTS = st.one_of(
+    REGISTERED, REGISTERED, HEARTBEAT, HEARTBEAT, DEREGISTERED, REJECTED, HEALTH, HEALTH
+)
 
 
 def partition_of(event: Event) -> int:

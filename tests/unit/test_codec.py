@@ -10,8 +10,14 @@ from hypothesis import strategies as st
 from events.codec import decode_event, encode_event
 from events.model import (
     EVENT_TYPES,
+    FlappingEnded,
+    FlappingStarted,
     HeartbeatReceived,
     InputRejected,
+    InstanceExpired,
+    InstanceHealthChanged,
+    SelfPreservationEnded,
+    SelfPreservationStarted,
     ServiceDeregistered,
     ServiceRegistered,
 )
@@ -34,7 +40,8 @@ EVENT_STRATEGIES = {
               version=st.text(), health_endpoint=st.text(),
               metadata=st.dictionaries(st.text(), json_scalars, max_size=5),
               transport_preferences=st.lists(st.sampled_from(["nats", "kafka", "http"])),
-              heartbeat_interval_s=finite, depends_on=st.lists(names, max_size=4)),
+              heartbeat_interval_s=finite, depends_on=st.lists(names, max_size=4),
+              ttl_s=finite, expire_after_s=finite),
     ServiceDeregistered: st.builds(
         ServiceDeregistered, **envelope, service_name=names, instance_id=names,
               reason=st.text()),
@@ -42,10 +49,29 @@ EVENT_STRATEGIES = {
         HeartbeatReceived, **envelope, service_name=names, instance_id=names,
               status=st.sampled_from(["healthy", "degraded", "unhealthy"]),
               load=st.none() | finite,
-              checks=st.dictionaries(st.text(), json_scalars, max_size=5)),
+              checks=st.dictionaries(st.text(), json_scalars, max_size=5), last_seen=finite),
     InputRejected: st.builds(
         InputRejected, **envelope, subject=st.text(), reason_code=st.text(),
               reason=st.text(), excerpt=st.text()),
+    InstanceHealthChanged: st.builds(
+        InstanceHealthChanged, **envelope, service_name=names, instance_id=names,
+              previous=st.text(), status=st.text(), reason=st.text(), last_seen=finite),
+    InstanceExpired: st.builds(
+        InstanceExpired, **envelope, service_name=names, instance_id=names,
+              last_seen=finite, critical_since=finite, reason=st.text()),
+    FlappingStarted: st.builds(
+        FlappingStarted, **envelope, service_name=names, instance_id=names,
+              changes=st.integers(0, 100), window_s=finite, status=st.text()),
+    FlappingEnded: st.builds(
+        FlappingEnded, **envelope, service_name=names, instance_id=names,
+              previous=st.text(), status=st.text(), quiet_s=finite),
+    SelfPreservationStarted: st.builds(
+        SelfPreservationStarted, **envelope, critical=st.integers(0, 10**6),
+              live=st.integers(0, 10**6), share=finite, until=finite,
+              at_risk=st.lists(st.text(), max_size=5)),
+    SelfPreservationEnded: st.builds(
+        SelfPreservationEnded, **envelope, reason=st.text(), critical=st.integers(0, 10**6),
+              live=st.integers(0, 10**6)),
 }  # fmt: skip
 events = st.one_of(*EVENT_STRATEGIES.values())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from events.model import HeartbeatReceived, InputRejected, ServiceDeregistered, ServiceRegistered
 from handlers import REACTIONS, RegistryState, fold, react
 from handlers.ledger import SeqLedger
@@ -30,21 +32,26 @@ def deregistered(seq: int, instance: str = "orders-1", ts: float = 120.0) -> Ser
     )  # fmt: skip
 
 
-def test_registration_is_recorded_as_is():
-    """A registration is always recorded unchanged."""
+def test_registration_is_recorded_with_its_lease_resolved():
+    """A registration is always recorded, its lease resolved from the policy (ttl 3 x
+    interval, the policy's expiry) unless it names its own."""
     e = registered(1)
     _, out = react(RegistryState(), e, now=0.0)
-    assert out == [e]
+    assert out == [msgspec.structs.replace(e, ttl_s=30.0, expire_after_s=60.0)]
+    own = registered(2, ttl_s=12.0, expire_after_s=5.0)
+    _, out = react(RegistryState(), own, now=0.0)
+    assert out == [own]
 
 
 def test_heartbeat_of_registered_instance_is_recorded():
-    """A heartbeat of a live instance is recorded and updates status, last_seen and load."""
+    """A heartbeat of a live instance is recorded with its running last_seen and
+    updates last_seen and load; the same health as recorded records nothing else."""
     state = fold([registered(1)])
-    hb = heartbeat(2, status="degraded", load=0.5)
+    hb = heartbeat(2, status="healthy", load=0.5)
     state, out = react(state, hb, now=0.0)
-    assert out == [hb]
+    assert out == [msgspec.structs.replace(hb, last_seen=110.0)]
     inst = state.instances[("default", "orders", "orders-1")]
-    assert (inst.status, inst.last_seen, inst.load) == ("degraded", 110.0, 0.5)
+    assert (inst.status, inst.last_seen, inst.load) == ("healthy", 110.0, 0.5)
 
 
 def test_heartbeat_of_unknown_instance_is_rejected():
