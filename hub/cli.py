@@ -118,6 +118,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
             verdict = "OK" if r.ok else "MISMATCH"
             print(f"{r.name:<9} {verdict:<8} view {r.view_checksum}  log {r.log_checksum}  "
                   f"checkpoint {r.checkpoint}")  # fmt: skip
+            if r.moving:
+                print(f"  {len(r.moving)} instance(s) heartbeated past the checkpoint while "
+                      "verifying: compared without their heartbeat fields")  # fmt: skip
             for line in r.problems[: args.max_problems]:
                 print("  " + line)
             if len(r.problems) > args.max_problems:

@@ -304,6 +304,30 @@ def canonical_redis(key: str, value: RedisValue, prefix: str = "hub") -> str:
     return name + " set " + json.dumps(sorted(value))
 
 
+# --- heartbeats that moved on ---------------------------------------------------------
+
+HEARTBEAT_COLUMNS = frozenset({"last_seen", "load", "reported_status", "checks"})
+_HB_INDEXES = [i for i, c in enumerate(REGISTRY_COLUMNS) if c in HEARTBEAT_COLUMNS]
+
+
+def without_heartbeat(line: str) -> str:
+    """A canonical instance line without the fields its latest heartbeat sets.
+
+    The log keeps only each instance's latest heartbeat, so when a newer one lands
+    past a view's checkpoint, the one the view applied is gone from the log: the
+    fold up to the checkpoint cannot reproduce those fields, everything else it can.
+    """
+    head, _, body = line.partition(" ")
+    if head == "service_registry":
+        values = json.loads(body)
+        for i in _HB_INDEXES:
+            values[i] = None
+        return head + " " + json.dumps(values, sort_keys=True)
+    name, kind, body = line.split(" ", 2)
+    fields = {k: v for k, v in json.loads(body).items() if k not in HEARTBEAT_COLUMNS}
+    return f"{name} {kind} " + json.dumps(fields, sort_keys=True)
+
+
 # --- checksums -----------------------------------------------------------------------
 
 

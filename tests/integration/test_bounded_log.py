@@ -12,7 +12,7 @@ import pytest
 from hub.app import make_event_log
 from hub.eventlog.jetstream import STREAM
 from tests.integration.conftest import eventually, query
-from tests.integration.test_replay import replay_reproduces_the_views
+from tests.integration.test_replay import hub_cli_async, replay_reproduces_the_views
 
 INSTANCES = 50
 
@@ -113,3 +113,36 @@ async def test_kafka_log_is_compacted_to_one_heartbeat_per_instance(
     print(f"kafka log: {appended} events appended, {left} records left after compaction")
     assert left >= 2 * INSTANCES  # every registration and each instance's last heartbeat
     await replay_reproduces_the_views(hub, hub_config, pg, rds)
+
+
+async def test_verify_passes_while_heartbeats_roll_up_past_its_checkpoint(
+    start_hub, hub_config, nc, pg
+):
+    """`hub verify` on a live hub: heartbeats keep replacing the ones the views applied
+    (the log no longer has them), yet verify passes, comparing those instances without
+    their heartbeat fields, and still catches a wrong field on such an instance."""
+    await start_hub()
+    js = nc.jetstream()
+    last = await register(js)
+    await query(nc, "hub.query.services", {"min_seq": last})
+    stop = asyncio.Event()
+
+    async def beat() -> None:
+        r = 0
+        while not stop.is_set():
+            await heartbeat_round(js, r)
+            r += 1
+            await asyncio.sleep(0.02)
+
+    beating = asyncio.create_task(beat())
+    try:
+        await asyncio.sleep(0.5)
+        code, out = await hub_cli_async(hub_config, "verify")
+        assert code == 0, out
+        assert "heartbeated past the checkpoint" in out, out  # it really was live
+        await pg.execute("UPDATE service_registry SET version = 'x' WHERE instance_id = 'i-7'")
+        code, out = await hub_cli_async(hub_config, "verify")
+        assert code == 1 and "service_registry/default/svc-2/i-7" in out, out
+    finally:
+        stop.set()
+        await beating

@@ -21,6 +21,16 @@ def hub_cli(config, *args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
+async def hub_cli_async(config, *args: str) -> tuple[int, str]:
+    """``hub_cli`` without blocking the event loop (for a hub running in this process)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "hub", *args, cwd=ROOT, env={**os.environ, **config.to_env()},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    return proc.returncode or 0, out.decode()
+
+
 def checksums(out: str) -> dict[str, str]:
     return dict(re.findall(r"^(postgres|redis)\s+OK\s+view (\w+)", out, re.M))
 
