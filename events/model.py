@@ -155,6 +155,45 @@ class InputRejected(Event, frozen=True):
     excerpt: str = ""
 
 
+class InfraChecked(Event, frozen=True):
+    """One result of a check of an infrastructure component (tenant ``_infra``).
+
+    Like heartbeats these are superseded by the next one, so the log keeps the latest
+    per component; ``consecutive_failures`` is the running count when it was recorded.
+    """
+
+    component: str
+    status: str  # HEALTHY | UNHEALTHY
+    response_time_ms: float
+    error: str = ""
+    metadata: dict[str, Any] = {}
+    consecutive_failures: int = 0
+
+
+class InfraStatusChanged(Event, frozen=True):
+    """A component's status changed (UNKNOWN until its first result; to UNHEALTHY from
+    HEALTHY only after the configured number of consecutive failures)."""
+
+    component: str
+    previous: str
+    status: str
+    reason: str
+    consecutive_failures: int = 0
+
+
+class InfraConfigLoaded(Event, frozen=True):
+    """The monitored components were (re)loaded; components not listed leave the views.
+
+    ``components``: one entry per component: name, section, type, host, port,
+    critical, method, interval_s, dependencies, description.
+    """
+
+    source: str
+    digest: str
+    components: list[dict[str, Any]] = []
+    service_dependencies: dict[str, list[str]] = {}
+
+
 AnyEvent = (
     ServiceRegistered
     | ServiceDeregistered
@@ -166,6 +205,9 @@ AnyEvent = (
     | FlappingEnded
     | SelfPreservationStarted
     | SelfPreservationEnded
+    | InfraChecked
+    | InfraStatusChanged
+    | InfraConfigLoaded
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -179,7 +221,12 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     FlappingEnded,
     SelfPreservationStarted,
     SelfPreservationEnded,
+    InfraChecked,
+    InfraStatusChanged,
+    InfraConfigLoaded,
 )
+
+INFRA_EVENTS: tuple[type[Event], ...] = (InfraChecked, InfraStatusChanged, InfraConfigLoaded)
 
 # Events about an instance's health, kept in the health history.
 HEALTH_EVENTS: tuple[type[Event], ...] = (
@@ -203,6 +250,9 @@ WATCH_KIND: dict[type[Event], str] = {
     FlappingEnded: "flapping_ended",
     SelfPreservationStarted: "self_preservation_started",
     SelfPreservationEnded: "self_preservation_ended",
+    InfraChecked: "infra_checked",
+    InfraStatusChanged: "infra_status_changed",
+    InfraConfigLoaded: "infra_config_loaded",
 }
 
 
@@ -210,7 +260,9 @@ def partition_key(event: Event) -> str:
     """The ordering key of an event in the log: tenant/service/instance.
 
     Every event about one instance shares a key, so a keyed log (Kafka) keeps
-    them in order; events that are about no instance are keyed by tenant.
+    them in order; events that are about no instance (infrastructure events
+    included: they stay in order with the configuration that lists them) are
+    keyed by tenant.
     """
     service = getattr(event, "service_name", None)
     instance = getattr(event, "instance_id", None)
@@ -227,4 +279,6 @@ def compaction_key(event: Event) -> str | None:
     """
     if isinstance(event, HeartbeatReceived):
         return f"hb/{partition_key(event)}"
+    if isinstance(event, InfraChecked):
+        return f"infra/{event.tenant}/{event.component}"
     return None

@@ -17,6 +17,8 @@ DEFAULT_TENANT = "default"
 # Pseudo-tenant under which input with an invalid or unknown tenant is recorded;
 # it cannot clash with a real tenant because real ones match TENANT_PATTERN.
 INVALID_TENANT = "_invalid"
+# Pseudo-tenant of the hub's own facts about shared infrastructure (not any tenant's).
+INFRA_TENANT = "_infra"
 
 
 def is_name(value: str) -> bool:

@@ -243,7 +243,16 @@ class HealthQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     correlation_id: CorrelationId | None = None
 
 
-Q = TypeVar("Q", ServicesQuery, ServiceQuery, InstancesQuery, HealthQuery)
+class InfrastructureQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """``hub.query.infrastructure``: every monitored component, or the one named, each
+    with its status, last check and the services that require it."""
+
+    component: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    min_seq: SeqNo | None = None
+    correlation_id: CorrelationId | None = None
+
+
+Q = TypeVar("Q", ServicesQuery, ServiceQuery, InstancesQuery, HealthQuery, InfrastructureQuery)
 
 
 class StandardResponse(msgspec.Struct, kw_only=True, omit_defaults=False):

@@ -13,6 +13,9 @@ from events.model import (
     FlappingEnded,
     FlappingStarted,
     HeartbeatReceived,
+    InfraChecked,
+    InfraConfigLoaded,
+    InfraStatusChanged,
     InputRejected,
     InstanceExpired,
     InstanceHealthChanged,
@@ -46,6 +49,9 @@ REACTIONS: dict[type[Event], Reaction] = {
     FlappingEnded: record,
     SelfPreservationStarted: record,
     SelfPreservationEnded: record,
+    InfraChecked: handle,
+    InfraStatusChanged: record,
+    InfraConfigLoaded: record,
 }
 
 

@@ -26,6 +26,9 @@ from events.model import (
     FlappingEnded,
     FlappingStarted,
     HeartbeatReceived,
+    InfraChecked,
+    InfraConfigLoaded,
+    InfraStatusChanged,
     InputRejected,
     InstanceExpired,
     InstanceHealthChanged,
@@ -34,6 +37,7 @@ from events.model import (
     ServiceDeregistered,
     ServiceRegistered,
 )
+from handlers.infra import InfraState, decide_check, evolve_infra
 from handlers.ledger import SeqLedger
 
 InstanceKey = tuple[str, str, str]  # tenant, service_name, instance_id
@@ -69,6 +73,8 @@ class LivenessPolicy:
         max_lag_s: lease decisions are taken only while the hub is this close to
             the head of its ingress (a hub that is behind has not seen the latest
             heartbeats, so it must not judge them missing).
+        infra_failures_to_trip: consecutive failed checks that make a HEALTHY
+            infrastructure component UNHEALTHY.
     """
 
     expire_after_s: float = DEFAULT_EXPIRE_AFTER_S
@@ -79,6 +85,7 @@ class LivenessPolicy:
     preservation_min: int = 3
     preservation_max_s: float = 60.0
     max_lag_s: float = 1.0
+    infra_failures_to_trip: int = 2
 
 
 @dataclass
@@ -141,6 +148,7 @@ class RegistryState:
         preservation: tenants in self-preservation now.
         preservation_cooldown: per tenant, the time before which self-preservation
             may not start again (after one ended at its bound).
+        infra: the monitored infrastructure components and their status.
         policy: the liveness rules decisions are taken with.
     """
 
@@ -149,6 +157,7 @@ class RegistryState:
     ingress: SeqLedger = field(default_factory=SeqLedger)
     preservation: dict[str, Preservation] = field(default_factory=dict)
     preservation_cooldown: dict[str, float] = field(default_factory=dict)
+    infra: InfraState = field(default_factory=InfraState)
     policy: LivenessPolicy = field(default_factory=LivenessPolicy)
 
     def live(self, key: InstanceKey) -> Instance | None:
@@ -260,6 +269,9 @@ def decide(state: RegistryState, event: Event, now: float) -> list[Event]:
             if state.live(key_of(event)) is None:
                 return [unknown_instance(event)]
             return [event]
+        case InfraChecked():
+            return decide_check(state.infra, event,
+                                failures_to_trip=state.policy.infra_failures_to_trip)  # fmt: skip
         case ServiceRegistered():
             # The lease is resolved now and recorded, so replay never depends on config.
             event = msgspec.structs.replace(
@@ -374,6 +386,8 @@ def evolve(state: RegistryState, event: Event) -> RegistryState:
                 state.preservation_cooldown[event.tenant] = event.ts + (period.until - period.since)
         case InputRejected():
             state.rejected[event.tenant] = state.rejected.get(event.tenant, 0) + 1
+        case InfraChecked() | InfraStatusChanged() | InfraConfigLoaded():
+            evolve_infra(state.infra, event)
         case _:
             pass
     return state

@@ -20,6 +20,7 @@ from hub.eventlog.jetstream import JetStreamEventLog
 from hub.eventlog.kafka import KafkaEventLog
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused
+from hub.infra.monitor import InfraMonitor, monitored
 from hub.ingest import Ingest, ingress_first_seq
 from hub.metrics import Metrics
 from hub.progress import Progress
@@ -96,13 +97,21 @@ class Hub:
         self.event_log: EventLog | None = None
         self.ingest: Ingest | None = None
         self.queries: QueryService | None = None
+        self.monitor: InfraMonitor | None = None
         self.projections: list[Projection] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
         self._stopped = False
 
     async def start(self) -> None:
+        """Connect, rebuild the state from the log, and serve.
+
+        Raises:
+            InfraConfigError: the infrastructure file is bad (checked before anything
+                is connected, naming the file, the key and the reason).
+        """
         c = self.config
+        infra = monitored(c)
         self.nc = await nats.connect(
             servers=list(c.nats_urls), name="central-hub", max_reconnect_attempts=-1
         )
@@ -115,7 +124,7 @@ class Hub:
         self.event_log = make_event_log(c, self.nc)
         await self.event_log.start()
         self.projections = [
-            PostgresRegistryProjection(self.pool),
+            PostgresRegistryProjection(self.pool, journal_days=c.infra_history_days),
             RedisRegistryProjection(self.redis),
         ]
         for p in self.projections:
@@ -132,6 +141,10 @@ class Hub:
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
         await self.queries.start(self.nc)
         self._spawn(self.ingest.run(self._stop), "ingest")
+        ingest = self.ingest
+        self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
+                                    recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
+        await self.monitor.start()
         log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls))
 
     def _spawn(self, coro: Any, name: str) -> None:
@@ -144,6 +157,10 @@ class Hub:
             log.error("hub_task_died", task=task.get_name(), error=repr(task.exception()))
             self._stop.set()
 
+    async def reload_infra(self) -> bool:
+        """Re-read the infrastructure file (SIGHUP); recorded as InfraConfigLoaded."""
+        return self.monitor is not None and await self.monitor.reload()
+
     async def wait(self) -> None:
         await self._stop.wait()
 
@@ -153,6 +170,8 @@ class Hub:
             return
         self._stopped = True
         self._stop.set()
+        if self.monitor is not None:
+            await self.monitor.stop()
         if self.queries is not None:
             await self.queries.stop()
         for t in self._tasks:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from hub.config import ConfigError, HubConfig
+from hub.infra.config import InfraConfigError
 from hub.logs import configure
 
 
@@ -26,7 +27,20 @@ async def _serve(config: HubConfig, started_message: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, hub._stop.set)
-    await hub.start()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = asyncio.ensure_future(hub.reload_infra())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    try:
+        await hub.start()
+    except InfraConfigError as exc:
+        print(f"hub: infrastructure configuration error: {exc}", file=sys.stderr)
+        await hub.stop()
+        raise SystemExit(2) from None
     if started_message:
         print(started_message, flush=True)
     try:

@@ -40,6 +40,10 @@ ENV_VARS: dict[str, str] = {
     "HUB_PRESERVATION_MIN": "minimum number of critical instances for self-preservation",
     "HUB_PRESERVATION_MAX_S": "the bound: self-preservation ends by itself after this",
     "HUB_TICK_S": "period of the lease timer",
+    "HUB_INFRA_CONFIG": "path of infrastructure.yaml (empty: only the hub's own stack)",
+    "HUB_INFRA_SELF": "'1' (default) to also monitor the hub's own servers, '0' not to",
+    "HUB_INFRA_FAILURES": "consecutive failed checks that make a healthy component UNHEALTHY",
+    "HUB_INFRA_HISTORY_DAYS": "days of raw check results kept in PostgreSQL infra_checks",
 }
 
 # Numeric settings read from the environment: variable -> (field, type, lower bound).
@@ -53,6 +57,8 @@ _NUMERIC: dict[str, tuple[str, type, float]] = {
     "HUB_PRESERVATION_MIN": ("preservation_min", int, 1),
     "HUB_PRESERVATION_MAX_S": ("preservation_max_s", float, 0.001),
     "HUB_TICK_S": ("tick_s", float, 0.01),
+    "HUB_INFRA_FAILURES": ("infra_failures", int, 1),
+    "HUB_INFRA_HISTORY_DAYS": ("infra_history_days", float, 0.0001),
 }
 
 
@@ -97,6 +103,11 @@ class HubConfig:
     preservation_min: int = 3
     preservation_max_s: float = 60.0
     tick_s: float = 0.25
+    # Infrastructure monitor.
+    infra_config: str = ""
+    infra_self: bool = True
+    infra_failures: int = 2
+    infra_history_days: float = 7.0
 
     @property
     def liveness(self) -> LivenessPolicy:
@@ -105,6 +116,7 @@ class HubConfig:
             flap_threshold=self.flap_threshold, flap_quiet_s=self.flap_quiet_s,
             preservation_share=self.preservation_share, preservation_min=self.preservation_min,
             preservation_max_s=self.preservation_max_s,
+            infra_failures_to_trip=self.infra_failures,
         )  # fmt: skip
 
     @property
@@ -177,6 +189,8 @@ class HubConfig:
             kafka_topic=get("HUB_KAFKA_TOPIC", d.kafka_topic),
             tenants=tenants,
             log_format=log_format,
+            infra_config=env.get("HUB_INFRA_CONFIG", "").strip(),
+            infra_self=get("HUB_INFRA_SELF", "1") not in ("0", "false", "no"),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -196,4 +210,6 @@ class HubConfig:
             "HUB_KAFKA_TOPIC": self.kafka_topic,
             "HUB_TENANTS": ",".join(sorted(self.tenants)),
             "HUB_LOG_FORMAT": self.log_format,
+            "HUB_INFRA_CONFIG": self.infra_config,
+            "HUB_INFRA_SELF": "1" if self.infra_self else "0",
         } | {name: str(getattr(self, attr)) for name, (attr, _, _) in _NUMERIC.items()}

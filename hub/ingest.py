@@ -39,6 +39,7 @@ from events.model import (
     WATCH_KIND,
     Event,
     HeartbeatReceived,
+    InfraChecked,
     InputRejected,
     ServiceDeregistered,
     ServiceRegistered,
@@ -70,9 +71,9 @@ from hub.progress import Progress
 log = structlog.get_logger(__name__)
 
 EXCERPT_BYTES = 256
-# Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats (the
-# bulk; a heartbeat that changes health is announced as the change).
-ANNOUNCED = tuple(t for t in WATCH_KIND if t is not HeartbeatReceived)
+# Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats and
+# infrastructure check results (the bulk; a change they cause is announced as such).
+ANNOUNCED = tuple(t for t in WATCH_KIND if t not in (HeartbeatReceived, InfraChecked))
 
 
 async def ingress_first_seq(nc: Client) -> int:
@@ -185,6 +186,7 @@ class Ingest:
         self.started_at = clock()
         self._last_tick = 0.0
         self._caught_up = False
+        self._internal: list[Event] = []  # candidates from inside the hub (monitor results)
 
     async def setup(self) -> None:
         """Create the ingress and dead-letter streams and the durable consumer."""
@@ -256,8 +258,29 @@ class Ingest:
                 return
             if msgs:
                 await self.process(msgs)
+            if self._internal:
+                await self.process_internal()
             if self._clock() - self._last_tick >= tick_s:
                 await self.run_timers()
+
+    def submit(self, candidate: Event) -> None:
+        """Queue a candidate event from inside the hub (an infrastructure check result);
+        the loop decides and records it between ingress batches, at most ``tick_s`` later."""
+        self._internal.append(candidate)
+
+    async def process_internal(self) -> list[Event]:
+        """Decide and record the queued internal candidates."""
+        now = self._clock()
+        candidates, self._internal = self._internal, []
+        recorded: list[Event] = []
+        for candidate in candidates:
+            self.state, events = react(self.state, candidate, now)
+            recorded.extend(events)
+        if recorded:
+            positions = await self._record(recorded, [])
+            await self._announce(recorded)
+            await self._progress.appended(self.state.ingress.floor, positions)
+        return recorded
 
     async def run_timers(self) -> list[Event]:
         """Take and record the lease timer's decisions due now."""

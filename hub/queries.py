@@ -26,6 +26,7 @@ from events.names import is_name
 from events.subjects import QUERY_PREFIX, query_route
 from events.wire import (
     HealthQuery,
+    InfrastructureQuery,
     InstancesQuery,
     ServiceQuery,
     ServicesQuery,
@@ -41,6 +42,7 @@ from projections.redis_read import (
     aggregate,
     is_healthy,
     overall,
+    read_infrastructure,
     read_preservation,
     read_services,
 )
@@ -81,6 +83,7 @@ class QueryService:
             "service": self._service,
             "instances": self._instances,
             "health": self._health,
+            "infrastructure": self._infrastructure,
         }
         self._round_robin: dict[tuple[str, ...], int] = {}
         self._random = random.Random()
@@ -264,6 +267,24 @@ class QueryService:
             "services": rows,
             "self_preservation": await read_preservation(self._redis, tenant),
         }
+        return Answer(data, q.correlation_id)
+
+    async def _infrastructure(self, tenant: str, payload: bytes) -> Answer:
+        """The monitored infrastructure (shared by all tenants), or one component."""
+        del tenant
+        q = parse_query(payload, InfrastructureQuery)
+        await self._await_seq(q.min_seq)
+        components = await read_infrastructure(self._redis)
+        if q.component is not None:
+            found = [c for c in components if c["name"] == q.component]
+            if not found:
+                raise QueryError("NOT_FOUND", f"no monitored component {q.component!r}")
+            return Answer(found[0], q.correlation_id)
+        statuses = [c["status"] for c in components]
+        summary = {s: statuses.count(s) for s in sorted(set(statuses))}
+        critical_down = [c["name"] for c in components
+                         if c["critical"] and c["status"] == "UNHEALTHY"]  # fmt: skip
+        data = {"components": components, "by_status": summary, "critical_unhealthy": critical_down}
         return Answer(data, q.correlation_id)
 
     def _page(

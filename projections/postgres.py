@@ -1,5 +1,6 @@
-"""PostgreSQL projection of the registry: ``service_registry``, ``input_rejections`` and
-``health_history``.
+"""PostgreSQL projection of the registry (``service_registry``, ``input_rejections``,
+``health_history``) and of the infrastructure (``infra_status``, ``infra_history``,
+``infra_config``; plus the ``infra_checks`` journal).
 
 A batch is applied by folding its events over the rows they touch (read in one
 query) with the same pure ``evolve`` as the hub, then writing each changed row
@@ -11,27 +12,48 @@ already covers are skipped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import time
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
 
 import asyncpg
 
 from events.log import LogRecord, Positions, advance, unseen
-from events.model import HEALTH_EVENTS, Event, InputRejected
+from events.model import (
+    HEALTH_EVENTS,
+    INFRA_EVENTS,
+    Event,
+    InfraChecked,
+    InfraConfigLoaded,
+    InfraStatusChanged,
+    InputRejected,
+)
+from handlers.infra import InfraState, evolve_infra
 from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
 from projections.port import ViewMismatch
 from projections.render import (
     HISTORY_COLUMNS,
+    INFRA_COLUMNS,
+    INFRA_CONFIG_COLUMNS,
+    INFRA_HISTORY_COLUMNS,
     REGISTRY_COLUMNS,
     REJECTION_COLUMNS,
     ViewState,
     canonical_pg,
     differences,
     expected_pg,
+    infra_from_pg,
     instance_from_pg,
     pg_history_row,
+    pg_infra_config_row,
+    pg_infra_history_row,
+    pg_infra_row,
     pg_registry_row,
     pg_rejection_row,
     row_id,
+    ts,
 )
 from projections.schema import migrate
 
@@ -68,23 +90,57 @@ _HISTORY = (
     f"VALUES ({', '.join(f'${i + 1}' for i in range(len(HISTORY_COLUMNS)))}) "
     "ON CONFLICT (event_id) DO NOTHING"
 )
+
+
+def _insert(table: str, columns: Sequence[str], conflict: str, update: bool = False) -> str:
+    action = (
+        "DO UPDATE SET " + ", ".join(f"{c} = EXCLUDED.{c}" for c in columns[1:])
+        if update
+        else "DO NOTHING"
+    )
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) "
+        f"VALUES ({', '.join(f'${i + 1}' for i in range(len(columns)))}) "
+        f"ON CONFLICT ({conflict}) {action}"
+    )
+
+
+_INFRA = _insert("infra_status", INFRA_COLUMNS, "component", update=True)
+_INFRA_HISTORY = _insert("infra_history", INFRA_HISTORY_COLUMNS, "event_id")
+_INFRA_CONFIG = _insert("infra_config", INFRA_CONFIG_COLUMNS, "id", update=True)
+_INFRA_CHECK = (
+    "INSERT INTO infra_checks (event_id, component, status, response_time_ms, error, ts)"
+    " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING"
+)
 _CHECKPOINT = """
 INSERT INTO projection_checkpoints (projection, partition, position) VALUES ($1, $2, $3)
 ON CONFLICT (projection, partition) DO UPDATE SET position = EXCLUDED.position, updated_at = now()
 """
-TABLES = {
+TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "service_registry": ("id", REGISTRY_COLUMNS),
     "input_rejections": ("event_id", REJECTION_COLUMNS),
     "health_history": ("event_id", HISTORY_COLUMNS),
+    "infra_status": ("component", INFRA_COLUMNS),
+    "infra_history": ("event_id", INFRA_HISTORY_COLUMNS),
+    "infra_config": ("id", INFRA_CONFIG_COLUMNS),
 }
+# Not a view of the fold (the log keeps only each component's latest result), so not
+# verified nor rebuilt: a journal of raw check results, pruned by age.
+JOURNAL = "infra_checks"
 
 
 class PostgresRegistryProjection:
     """The registry view in PostgreSQL."""
 
-    def __init__(self, pool: asyncpg.Pool, *, name: str = "postgres-registry") -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, name: str = "postgres-registry",
+        journal_days: float = 7.0, clock: Callable[[], float] = time.time,
+    ) -> None:  # fmt: skip
         self._pool = pool
         self.name = name
+        self._journal_days = journal_days
+        self._clock = clock
+        self._pruned_at = 0.0
 
     async def setup(self) -> None:
         async with self._pool.acquire() as conn:
@@ -110,6 +166,7 @@ class PostgresRegistryProjection:
             if not todo:
                 return checkpoint
             await self._write(conn, todo)
+            await self._write_infra(conn, todo)
             new = advance(checkpoint, todo)
             await conn.executemany(
                 _CHECKPOINT, [(self.name, p, n) for p, n in new.items() if n != checkpoint.get(p)]
@@ -148,6 +205,52 @@ class PostgresRegistryProjection:
             await conn.executemany(_REJECTED, [pg_rejection_row(e) for e in rejections])
         if history:
             await conn.executemany(_HISTORY, [pg_history_row(e) for e in history])
+
+    async def _write_infra(self, conn: asyncpg.Connection, todo: Sequence[LogRecord]) -> None:
+        """Fold the batch's infrastructure events over the components they touch."""
+        events = [r.event for r in todo if isinstance(r.event, INFRA_EVENTS)]
+        if not events:
+            return
+        rows = await conn.fetch(f"SELECT {', '.join(INFRA_COLUMNS)} FROM infra_status")
+        config = await conn.fetchrow("SELECT digest, service_dependencies FROM infra_config")
+        state = InfraState({r["component"]: infra_from_pg(r) for r in rows})
+        if config is not None:
+            state.digest = config["digest"]
+            state.service_dependencies = json.loads(config["service_dependencies"])
+        before = set(state.components)
+        touched: set[str] = set()
+        for e in events:
+            evolve_infra(state, e)
+            if isinstance(e, InfraConfigLoaded):
+                touched = set(state.components)
+            elif isinstance(e, InfraChecked | InfraStatusChanged):
+                touched.add(e.component)
+        gone = sorted(before - set(state.components))
+        if gone:
+            await conn.execute("DELETE FROM infra_status WHERE component = ANY($1::text[])", gone)
+        changed = [pg_infra_row(state.components[c]) for c in sorted(touched)
+                   if c in state.components]  # fmt: skip
+        if changed:
+            await conn.executemany(_INFRA, changed)
+        history = [pg_infra_history_row(e) for e in events if isinstance(e, InfraStatusChanged)]
+        if history:
+            await conn.executemany(_INFRA_HISTORY, history)
+        if any(isinstance(e, InfraConfigLoaded) for e in events):
+            await conn.execute(_INFRA_CONFIG, *pg_infra_config_row(state))
+        checks = [(e.event_id, e.component, e.status, e.response_time_ms, e.error, ts(e.ts))
+                  for e in events if isinstance(e, InfraChecked)]  # fmt: skip
+        if checks:
+            await conn.executemany(_INFRA_CHECK, checks)
+            await self._prune_journal(conn)
+
+    async def _prune_journal(self, conn: asyncpg.Connection) -> None:
+        """Keep ``journal_days`` of raw check results (checked at most once a minute)."""
+        now = self._clock()
+        if now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        await conn.execute(f"DELETE FROM {JOURNAL} WHERE ts < $1",
+                           ts(now) - timedelta(days=self._journal_days))  # fmt: skip
 
     # --- verify and rebuild ----------------------------------------------------------
 
@@ -195,6 +298,18 @@ class PostgresRegistryProjection:
             await conn.copy_records_to_table(
                 f"health_history{suffix}", records=history, columns=HISTORY_COLUMNS
             )
+            infra = view.registry.infra
+            infra_tables: tuple[tuple[str, tuple[str, ...], list[tuple[Any, ...]]], ...] = (
+                ("infra_status", INFRA_COLUMNS,
+                 [pg_infra_row(c) for c in infra.components.values()]),
+                ("infra_history", INFRA_HISTORY_COLUMNS,
+                 [pg_infra_history_row(e) for e in view.infra_history.values()]),
+                ("infra_config", INFRA_CONFIG_COLUMNS,
+                 [pg_infra_config_row(infra)] if infra.digest else []),
+            )  # fmt: skip
+            for table, columns, records in infra_tables:
+                await conn.copy_records_to_table(f"{table}{suffix}", records=records,
+                                                 columns=columns)  # fmt: skip
             problems = differences(expected_pg(view), await self._canonical(conn, suffix))
             if problems:
                 raise ViewMismatch("\n".join(problems[:20]))

@@ -8,6 +8,9 @@ Keys (``<t>`` = tenant):
 * ``hub:<t>:stats``                     HASH of counters (``rejected``, ``rejected:<code>``)
 * ``hub:<t>:preservation``              HASH since/until, while the tenant self-preserves
 * ``hub:_meta:tenants``                 SET of tenants that ever registered an instance
+* ``hub:_infra:components``             SET of monitored infrastructure components
+* ``hub:_infra:component:<name>``       HASH status, last check and configuration
+* ``hub:_infra:config``                 HASH configuration digest, service_dependencies
 * ``hub:_meta:checkpoint:<projection>`` HASH partition -> next position
 
 A batch is folded over the instances it touches (read in one pipeline) with the
@@ -18,6 +21,7 @@ a second writer of the same projection makes this one retry, never double-apply.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,11 +31,17 @@ from redis.exceptions import WatchError
 
 from events.log import LogRecord, Positions, advance, unseen
 from events.model import (
+    INFRA_EVENTS,
+    InfraChecked,
+    InfraConfigLoaded,
+    InfraStatusChanged,
     InputRejected,
     SelfPreservationEnded,
     SelfPreservationStarted,
     ServiceRegistered,
 )
+from events.names import INFRA_TENANT
+from handlers.infra import InfraState, evolve_infra
 from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
 from projections.port import ViewMismatch
 from projections.render import (
@@ -40,7 +50,9 @@ from projections.render import (
     canonical_redis,
     differences,
     expected_redis,
+    infra_from_redis,
     instance_from_redis,
+    redis_infra_hash,
     redis_instance_hash,
     redis_preservation_hash,
 )
@@ -67,6 +79,14 @@ def stats_key(tenant: str) -> str:
 
 def preservation_key(tenant: str) -> str:
     return f"hub:{tenant}:preservation"
+
+
+INFRA_COMPONENTS_KEY = f"hub:{INFRA_TENANT}:components"
+INFRA_CONFIG_KEY = f"hub:{INFRA_TENANT}:config"
+
+
+def component_key(name: str) -> str:
+    return f"hub:{INFRA_TENANT}:component:{name}"
 
 
 def checkpoint_key(projection: str) -> str:
@@ -106,7 +126,7 @@ class RedisRegistryProjection:
                     todo = unseen(records, checkpoint)
                     if not todo:
                         return checkpoint
-                    writes = await self._plan(todo)
+                    writes = await self._plan(todo) + await self._plan_infra(todo)
                     pipe.multi()  # type: ignore[no-untyped-call]
                     for write in writes:
                         write(pipe)
@@ -179,6 +199,48 @@ class RedisRegistryProjection:
                 writes.append(cmd("hset", preservation_key(t), mapping=mapping))
         return writes
 
+    async def _plan_infra(self, todo: Sequence[LogRecord]) -> list[Write]:
+        """Fold the batch's infrastructure events over the components they touch."""
+        events = [r.event for r in todo if isinstance(r.event, INFRA_EVENTS)]
+        if not events:
+            return []
+        names: set[str] = await self._r.smembers(INFRA_COMPONENTS_KEY)  # type: ignore[assignment]
+        ordered = sorted(names)
+        async with self._r.pipeline(transaction=False) as read:
+            for n in ordered:
+                read.hgetall(component_key(n))
+            read.hgetall(INFRA_CONFIG_KEY)
+            found = await read.execute()
+        state = InfraState({n: infra_from_redis(h) for n, h in zip(ordered, found, strict=False)
+                            if h})  # fmt: skip
+        config = found[-1]
+        if config:
+            state.digest = config["digest"]
+            state.service_dependencies = json.loads(config["service_dependencies"])
+        before = set(state.components)
+        touched: set[str] = set()
+        for e in events:
+            evolve_infra(state, e)
+            if isinstance(e, InfraConfigLoaded):
+                touched = set(state.components)
+            elif isinstance(e, InfraChecked | InfraStatusChanged):
+                touched.add(e.component)
+        writes: list[Write] = [cmd("delete", component_key(n))
+                               for n in sorted(before - set(state.components))]  # fmt: skip
+        for n in sorted(touched & set(state.components)):
+            writes.append(cmd("delete", component_key(n)))
+            writes.append(cmd("hset", component_key(n),
+                              mapping=redis_infra_hash(state.components[n])))  # fmt: skip
+        writes.append(cmd("delete", INFRA_COMPONENTS_KEY))
+        if state.components:
+            writes.append(cmd("sadd", INFRA_COMPONENTS_KEY, *sorted(state.components)))
+        if any(isinstance(e, InfraConfigLoaded) for e in events):
+            writes.append(cmd("hset", INFRA_CONFIG_KEY, mapping={
+                "digest": state.digest,
+                "service_dependencies": json.dumps(state.service_dependencies, sort_keys=True),
+            }))  # fmt: skip
+        return writes
+
     # --- verify and rebuild ----------------------------------------------------------
 
     async def _read_keys(self, prefix: str) -> dict[str, RedisValue]:
@@ -192,7 +254,11 @@ class RedisRegistryProjection:
             k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
             if not k.startswith(f"{prefix}:_meta:checkpoint:")
         ]  # fmt: skip
-        hashes = [":inst:" in k or k.endswith((":stats", ":preservation")) for k in names]
+        hashes = [
+            ":inst:" in k or ":component:" in k or k.endswith((":stats", ":preservation"))
+            or k == f"{prefix}:{INFRA_TENANT}:config"
+            for k in names
+        ]  # fmt: skip
         async with self._r.pipeline(transaction=False) as pipe:
             for k, is_hash in zip(names, hashes, strict=True):
                 pipe.hgetall(k) if is_hash else pipe.smembers(k)

@@ -8,7 +8,15 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from projections.redis import instance_key, preservation_key, service_key, services_key
+from projections.redis import (
+    INFRA_COMPONENTS_KEY,
+    INFRA_CONFIG_KEY,
+    component_key,
+    instance_key,
+    preservation_key,
+    service_key,
+    services_key,
+)
 
 
 def iso(seconds: str | None) -> str | None:
@@ -118,3 +126,37 @@ async def read_services(
                 {"service_name": svc, "status": service_status(instances), "instances": instances}
             )
     return services
+
+
+def component_view(raw: dict[str, str], dependents: list[str]) -> dict[str, Any]:
+    """One infrastructure component as ``hub.query.infrastructure`` shows it."""
+    config = json.loads(raw["config"])
+    last = None
+    if "last_result" in raw:
+        last = {
+            "result": raw["last_result"], "checked_at": iso(raw["checked_at"]),
+            "response_time_ms": float(raw["response_time_ms"]), "error": raw["error"],
+            "metadata": json.loads(raw["metadata"]),
+            "consecutive_failures": int(raw["consecutive_failures"]),
+        }  # fmt: skip
+    return {**config, "name": raw["component"], "status": raw["status"],
+            "status_since": iso(raw["status_since"]), "last_check": last,
+            "dependents": dependents}  # fmt: skip
+
+
+async def read_infrastructure(r: aioredis.Redis) -> list[dict[str, Any]]:
+    """Every monitored component (sorted by name) with the services requiring it."""
+    names: set[str] = await r.smembers(INFRA_COMPONENTS_KEY)  # type: ignore[assignment]
+    ordered = sorted(names)
+    async with r.pipeline(transaction=False) as pipe:
+        for n in ordered:
+            pipe.hgetall(component_key(n))
+        pipe.hget(INFRA_CONFIG_KEY, "service_dependencies")
+        found = await pipe.execute()
+    requires: dict[str, list[str]] = json.loads(found[-1] or "{}")
+    out = []
+    for n, raw in zip(ordered, found, strict=False):
+        if raw:
+            dependents = sorted(s for s, needs in requires.items() if n in needs)
+            out.append(component_view(raw, dependents))
+    return out

@@ -20,12 +20,16 @@ from events.model import (
     Event,
     FlappingEnded,
     FlappingStarted,
+    InfraChecked,
+    InfraStatusChanged,
     InputRejected,
     InstanceExpired,
     InstanceHealthChanged,
     SelfPreservationEnded,
     SelfPreservationStarted,
 )
+from events.names import INFRA_TENANT
+from handlers.infra import InfraComponent, InfraState
 from handlers.registry import EXPIRED, Instance, RegistryState, evolve
 
 CHECKPOINT_PREFIX = "_meta:checkpoint:"
@@ -55,6 +59,7 @@ class ViewState:
     registry: RegistryState = field(default_factory=RegistryState)
     rejections: dict[str, InputRejected] = field(default_factory=dict)
     history: dict[str, Event] = field(default_factory=dict)
+    infra_history: dict[str, InfraStatusChanged] = field(default_factory=dict)
 
     def apply(self, event: Event) -> None:
         evolve(self.registry, event)
@@ -62,6 +67,8 @@ class ViewState:
             self.rejections[event.event_id] = event
         elif isinstance(event, HEALTH_EVENTS):
             self.history[event.event_id] = event
+        elif isinstance(event, InfraStatusChanged):
+            self.infra_history[event.event_id] = event
 
 
 def fold_view(events: Iterable[Event]) -> ViewState:
@@ -158,7 +165,57 @@ def pg_history_row(e: Event) -> tuple[Any, ...]:
             json.dumps(detail, sort_keys=True))  # fmt: skip
 
 
-JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on", "checks", "detail"})
+INFRA_COLUMNS = (
+    "component", "status", "status_since", "last_result", "checked_at", "response_time_ms",
+    "error", "metadata", "consecutive_failures", "config",
+)  # fmt: skip
+INFRA_HISTORY_COLUMNS = (
+    "event_id", "component", "previous", "status", "reason", "consecutive_failures", "ts",
+)  # fmt: skip
+INFRA_CONFIG_COLUMNS = ("id", "digest", "service_dependencies")
+
+
+def pg_infra_row(c: InfraComponent) -> tuple[Any, ...]:
+    """One ``infra_status`` row, in INFRA_COLUMNS order."""
+    last = c.last_check
+    return (
+        c.name, c.status, ts(c.status_since), last.status if last else None,
+        ts(last.ts) if last else None, last.response_time_ms if last else None,
+        last.error if last else "", json.dumps(last.metadata if last else {}, sort_keys=True),
+        c.consecutive_failures, json.dumps(c.config, sort_keys=True),
+    )  # fmt: skip
+
+
+def _last_check(name: str, fields: Mapping[str, Any]) -> InfraChecked | None:
+    if fields["last_result"] is None:
+        return None
+    return InfraChecked(
+        event_id="", tenant=INFRA_TENANT, ts=fields["checked_at"], component=name,
+        status=fields["last_result"], response_time_ms=fields["response_time_ms"],
+        error=fields["error"], metadata=fields["metadata"],
+        consecutive_failures=fields["consecutive_failures"],
+    )  # fmt: skip
+
+
+def infra_from_pg(row: Mapping[str, Any]) -> InfraComponent:
+    checked = row["checked_at"].timestamp() if row["checked_at"] else 0.0
+    fields = {**row, "metadata": json.loads(row["metadata"]), "checked_at": checked}
+    return InfraComponent(row["component"], json.loads(row["config"]), status=row["status"],
+                          status_since=row["status_since"].timestamp(),
+                          last_check=_last_check(row["component"], fields))  # fmt: skip
+
+
+def pg_infra_history_row(e: InfraStatusChanged) -> tuple[Any, ...]:
+    return (e.event_id, e.component, e.previous, e.status, e.reason, e.consecutive_failures,
+            ts(e.ts))  # fmt: skip
+
+
+def pg_infra_config_row(infra: InfraState) -> tuple[Any, ...]:
+    return (1, infra.digest, json.dumps(infra.service_dependencies, sort_keys=True))
+
+
+JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on", "checks", "detail",
+                           "config", "service_dependencies"})  # fmt: skip
 
 
 def _canonical_numbers(value: Any) -> Any:
@@ -204,6 +261,17 @@ def expected_pg(view: ViewState) -> dict[str, str]:
         rows[f"health_history/{h.event_id}"] = canonical_pg(
             "health_history", HISTORY_COLUMNS, pg_history_row(h)
         )
+    infra = view.registry.infra
+    for c in infra.components.values():
+        rows[f"infra_status/{c.name}"] = canonical_pg("infra_status", INFRA_COLUMNS,
+                                                      pg_infra_row(c))  # fmt: skip
+    for i in view.infra_history.values():
+        rows[f"infra_history/{i.event_id}"] = canonical_pg(
+            "infra_history", INFRA_HISTORY_COLUMNS, pg_infra_history_row(i)
+        )
+    if infra.digest:
+        rows["infra_config/1"] = canonical_pg("infra_config", INFRA_CONFIG_COLUMNS,
+                                              pg_infra_config_row(infra))  # fmt: skip
     return rows
 
 
@@ -255,6 +323,31 @@ def instance_from_redis(tenant: str, h: Mapping[str, str]) -> Instance:
     )  # fmt: skip
 
 
+def redis_infra_hash(c: InfraComponent) -> dict[str, str]:
+    """``hub:_infra:component:<name>``: status, last check and configuration."""
+    h = {"component": c.name, "status": c.status, "status_since": num(c.status_since),
+         "config": json.dumps(c.config, sort_keys=True)}  # fmt: skip
+    last = c.last_check
+    if last is not None:
+        h |= {"last_result": last.status, "checked_at": num(last.ts),
+              "response_time_ms": num(last.response_time_ms), "error": last.error,
+              "metadata": json.dumps(last.metadata, sort_keys=True),
+              "consecutive_failures": str(last.consecutive_failures)}  # fmt: skip
+    return h
+
+
+def infra_from_redis(h: Mapping[str, str]) -> InfraComponent:
+    last = None
+    if "last_result" in h:
+        last = _last_check(h["component"], {
+            "last_result": h["last_result"], "checked_at": float(h["checked_at"]),
+            "response_time_ms": float(h["response_time_ms"]), "error": h["error"],
+            "metadata": json.loads(h["metadata"]),
+            "consecutive_failures": int(h["consecutive_failures"])})  # fmt: skip
+    return InfraComponent(h["component"], json.loads(h["config"]), status=h["status"],
+                          status_since=float(h["status_since"]), last_check=last)  # fmt: skip
+
+
 def redis_preservation_hash(since: float, until: float) -> dict[str, str]:
     """``hub:<t>:preservation``: present while the tenant is in self-preservation."""
     return {"since": num(since), "until": num(until)}
@@ -293,6 +386,16 @@ def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue
         keys[f"{prefix}:{t}:stats"] = {k: str(v) for k, v in counts.items()}
     for t, period in view.registry.preservation.items():
         keys[f"{prefix}:{t}:preservation"] = redis_preservation_hash(period.since, period.until)
+    infra = view.registry.infra
+    for c in infra.components.values():
+        keys[f"{prefix}:{INFRA_TENANT}:component:{c.name}"] = redis_infra_hash(c)
+    if infra.components:
+        keys[f"{prefix}:{INFRA_TENANT}:components"] = frozenset(infra.components)
+    if infra.digest:
+        keys[f"{prefix}:{INFRA_TENANT}:config"] = {
+            "digest": infra.digest,
+            "service_dependencies": json.dumps(infra.service_dependencies, sort_keys=True),
+        }
     return keys
 
 

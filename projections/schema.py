@@ -77,6 +77,49 @@ MIGRATIONS: list[str] = [
         ON health_history (tenant_id, service_name, instance_id, ts);
     CREATE INDEX health_history_ts ON health_history (tenant_id, ts);
     """,
+    # 3: infrastructure (issue: infrastructure monitor): current status per component,
+    #    its transitions, the configuration digest, and a journal of raw check results
+    #    (kept for HUB_INFRA_HISTORY_DAYS; not rebuilt by replay: the log keeps only
+    #    each component's latest result).
+    """
+    CREATE TABLE infra_status (
+        component            text PRIMARY KEY,
+        status               text NOT NULL,
+        status_since         timestamptz NOT NULL,
+        last_result          text,
+        checked_at           timestamptz,
+        response_time_ms     double precision,
+        error                text NOT NULL,
+        metadata             jsonb NOT NULL,
+        consecutive_failures integer NOT NULL,
+        config               jsonb NOT NULL
+    );
+    CREATE TABLE infra_history (
+        event_id             text PRIMARY KEY,
+        component            text NOT NULL,
+        previous             text NOT NULL,
+        status               text NOT NULL,
+        reason               text NOT NULL,
+        consecutive_failures integer NOT NULL,
+        ts                   timestamptz NOT NULL
+    );
+    CREATE INDEX infra_history_component ON infra_history (component, ts);
+    CREATE TABLE infra_config (
+        id                   integer PRIMARY KEY,
+        digest               text NOT NULL,
+        service_dependencies jsonb NOT NULL
+    );
+    CREATE TABLE infra_checks (
+        event_id             text PRIMARY KEY,
+        component            text NOT NULL,
+        status               text NOT NULL,
+        response_time_ms     double precision NOT NULL,
+        error                text NOT NULL,
+        ts                   timestamptz NOT NULL
+    );
+    CREATE INDEX infra_checks_component ON infra_checks (component, ts);
+    CREATE INDEX infra_checks_ts ON infra_checks (ts);
+    """,
 ]
 
 _LOCK_ID = 0x48554253  # "HUBS": one migrator at a time across hub instances

@@ -35,6 +35,9 @@ from events.model import (
     FlappingEnded,
     FlappingStarted,
     HeartbeatReceived,
+    InfraChecked,
+    InfraConfigLoaded,
+    InfraStatusChanged,
     InputRejected,
     InstanceExpired,
     InstanceHealthChanged,
@@ -57,7 +60,8 @@ from projections.render import (
 PARTITIONS = 2
 KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
 RESET_PG = (
-    "TRUNCATE service_registry, input_rejections, health_history;"
+    "TRUNCATE service_registry, input_rejections, health_history, infra_status,"
+    " infra_history, infra_config, infra_checks;"
     " DELETE FROM projection_checkpoints"
 )
 
@@ -119,8 +123,33 @@ HEALTH = st.one_of(
     st.builds(SelfPreservationEnded, **ENVELOPE, reason=st.sampled_from(["bound_reached",
               "recovered"]), critical=st.integers(0, 9), live=st.integers(0, 9)),
 )  # fmt: skip
+COMPONENTS = st.sampled_from(["pg", "kafka", "nats-1"])
+INFRA_ENVELOPE = {**ENVELOPE, "tenant": st.just("_infra")}
+INFRA = st.one_of(
+    st.builds(InfraChecked, **INFRA_ENVELOPE, component=COMPONENTS,
+              status=st.sampled_from(["HEALTHY", "UNHEALTHY"]), response_time_ms=FINITE,
+              error=TEXT, metadata=METADATA, consecutive_failures=st.integers(0, 5)),
+    st.builds(InfraStatusChanged, **INFRA_ENVELOPE, component=COMPONENTS,
+              previous=st.sampled_from(["UNKNOWN", "HEALTHY", "UNHEALTHY"]),
+              status=st.sampled_from(["HEALTHY", "UNHEALTHY"]), reason=TEXT,
+              consecutive_failures=st.integers(0, 5)),
+    st.builds(InfraConfigLoaded, **INFRA_ENVELOPE, source=TEXT, digest=TEXT.filter(bool),
+              components=st.lists(COMPONENTS, unique=True).map(
+                  lambda ns: [{"name": n, "port": 1, "critical": True} for n in ns]),
+              service_dependencies=st.dictionaries(SERVICES, st.lists(COMPONENTS, max_size=2),
+                                                   max_size=2)),
+)  # fmt: skip
 EVENTS = st.one_of(
-    REGISTERED, REGISTERED, HEARTBEAT, HEARTBEAT, DEREGISTERED, REJECTED, HEALTH, HEALTH
+    REGISTERED,
+    REGISTERED,
+    HEARTBEAT,
+    HEARTBEAT,
+    DEREGISTERED,
+    REJECTED,
+    HEALTH,
+    HEALTH,
+    INFRA,
+    INFRA,
 )
 
 

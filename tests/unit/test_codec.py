@@ -13,6 +13,9 @@ from events.model import (
     FlappingEnded,
     FlappingStarted,
     HeartbeatReceived,
+    InfraChecked,
+    InfraConfigLoaded,
+    InfraStatusChanged,
     InputRejected,
     InstanceExpired,
     InstanceHealthChanged,
@@ -72,6 +75,19 @@ EVENT_STRATEGIES = {
     SelfPreservationEnded: st.builds(
         SelfPreservationEnded, **envelope, reason=st.text(), critical=st.integers(0, 10**6),
               live=st.integers(0, 10**6)),
+    InfraChecked: st.builds(
+        InfraChecked, **envelope, component=names, status=st.text(), response_time_ms=finite,
+              error=st.text(), metadata=st.dictionaries(st.text(), json_scalars, max_size=3),
+              consecutive_failures=st.integers(0, 1000)),
+    InfraStatusChanged: st.builds(
+        InfraStatusChanged, **envelope, component=names, previous=st.text(), status=st.text(),
+              reason=st.text(), consecutive_failures=st.integers(0, 1000)),
+    InfraConfigLoaded: st.builds(
+        InfraConfigLoaded, **envelope, source=st.text(), digest=st.text(),
+              components=st.lists(st.dictionaries(st.text(), json_scalars, max_size=3),
+                                  max_size=3),
+              service_dependencies=st.dictionaries(names, st.lists(names, max_size=3),
+                                                   max_size=3)),
 }  # fmt: skip
 events = st.one_of(*EVENT_STRATEGIES.values())
 
