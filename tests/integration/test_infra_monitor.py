@@ -3,6 +3,8 @@ events, status changes are pushed and kept in PostgreSQL, replay reproduces them
 
 from __future__ import annotations
 
+import dataclasses
+import signal
 import socket
 import time
 
@@ -13,8 +15,9 @@ import yaml
 from hub.app import Hub
 from hub.infra.config import InfraConfigError
 from hub.stack import RedisServer
-from tests.integration.conftest import eventually, query
+from tests.integration.conftest import HubProcess, eventually, query
 from tests.integration.infra_http import Reply, StubHttpServer
+from tests.integration.test_crash import _answers
 from tests.integration.test_replay import replay_reproduces_the_views
 
 
@@ -238,3 +241,25 @@ async def test_a_bad_infrastructure_file_stops_the_hub_at_start_naming_the_key(
     await hub.stop()
     message = str(failure.value)
     assert "infrastructure.yaml" in message and "databases[0].health_check.method" in message
+
+
+async def test_sighup_makes_a_running_hub_process_reload_its_file(hub_config, nc, tmp_path):
+    """`hub run` re-reads infrastructure.yaml on SIGHUP; the new set is in the views."""
+    live = await StubHttpServer().start()
+    path = tmp_path / "infra.yaml"
+    write_yaml(path, databases=[component("before", live.port, "tcp", 0.5)])
+    config = dataclasses.replace(hub_config, infra_config=str(path), infra_self=False)
+    hub = HubProcess(config, tmp_path / "hub.log")
+    hub.start()
+    try:
+        await eventually(lambda: _answers(nc), timeout=60)
+        await eventually(lambda: _names(nc, {"before"}), timeout=10)
+        write_yaml(path, databases=[component("after", live.port, "tcp", 0.5)])
+        assert hub.proc is not None
+        hub.proc.send_signal(signal.SIGHUP)
+        await eventually(lambda: _names(nc, {"after"}), timeout=10)
+        await eventually(lambda: _healthy(nc, "after"), timeout=10)
+        assert hub.proc.poll() is None, hub.tail()  # still running
+    finally:
+        hub.stop()
+        await live.close()
