@@ -8,6 +8,7 @@ HEALTHY again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,3 +100,19 @@ def evolve_infra(state: InfraState, event: Event) -> None:
                 comp.status_since = event.ts
         case _:
             pass
+
+
+def fold_infra(state: InfraState, events: Sequence[Event]) -> tuple[list[str], list[str]]:
+    """Apply ``events`` in order (in place) and say what a view must rewrite: the
+    components whose row changed (all of them after a configuration load) and the
+    components that left; both sorted."""
+    before = set(state.components)
+    touched: set[str] = set()
+    for e in events:
+        evolve_infra(state, e)
+        if isinstance(e, InfraConfigLoaded):
+            touched = set(state.components)
+        elif isinstance(e, InfraChecked | InfraStatusChanged):
+            touched.add(e.component)
+    now = set(state.components)
+    return sorted(touched & now), sorted(before - now)

@@ -95,18 +95,18 @@ class HubConfig:
     # The event log's compaction (Kafka; JetStream rolls heartbeats up at once).
     kafka_segment_ms: int = 10 * 60 * 1000
     # Liveness (see handlers.registry.LivenessPolicy).
-    expire_after_s: float = 60.0
-    flap_window_s: float = 30.0
-    flap_threshold: int = 5
-    flap_quiet_s: float = 10.0
-    preservation_share: float = 0.5
-    preservation_min: int = 3
-    preservation_max_s: float = 60.0
+    expire_after_s: float = LivenessPolicy.expire_after_s
+    flap_window_s: float = LivenessPolicy.flap_window_s
+    flap_threshold: int = LivenessPolicy.flap_threshold
+    flap_quiet_s: float = LivenessPolicy.flap_quiet_s
+    preservation_share: float = LivenessPolicy.preservation_share
+    preservation_min: int = LivenessPolicy.preservation_min
+    preservation_max_s: float = LivenessPolicy.preservation_max_s
     tick_s: float = 0.25
     # Infrastructure monitor.
     infra_config: str = ""
     infra_self: bool = True
-    infra_failures: int = 2
+    infra_failures: int = LivenessPolicy.infra_failures_to_trip
     infra_history_days: float = 7.0
 
     @property

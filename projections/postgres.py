@@ -30,7 +30,7 @@ from events.model import (
     InfraStatusChanged,
     InputRejected,
 )
-from handlers.infra import InfraState, evolve_infra
+from handlers.infra import InfraState, fold_infra
 from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
 from projections.port import ViewMismatch
 from projections.render import (
@@ -217,19 +217,10 @@ class PostgresRegistryProjection:
         if config is not None:
             state.digest = config["digest"]
             state.service_dependencies = json.loads(config["service_dependencies"])
-        before = set(state.components)
-        touched: set[str] = set()
-        for e in events:
-            evolve_infra(state, e)
-            if isinstance(e, InfraConfigLoaded):
-                touched = set(state.components)
-            elif isinstance(e, InfraChecked | InfraStatusChanged):
-                touched.add(e.component)
-        gone = sorted(before - set(state.components))
+        changed_names, gone = fold_infra(state, events)
         if gone:
             await conn.execute("DELETE FROM infra_status WHERE component = ANY($1::text[])", gone)
-        changed = [pg_infra_row(state.components[c]) for c in sorted(touched)
-                   if c in state.components]  # fmt: skip
+        changed = [pg_infra_row(state.components[c]) for c in changed_names]
         if changed:
             await conn.executemany(_INFRA, changed)
         history = [pg_infra_history_row(e) for e in events if isinstance(e, InfraStatusChanged)]

@@ -32,16 +32,14 @@ from redis.exceptions import WatchError
 from events.log import LogRecord, Positions, advance, unseen
 from events.model import (
     INFRA_EVENTS,
-    InfraChecked,
     InfraConfigLoaded,
-    InfraStatusChanged,
     InputRejected,
     SelfPreservationEnded,
     SelfPreservationStarted,
     ServiceRegistered,
 )
 from events.names import INFRA_TENANT
-from handlers.infra import InfraState, evolve_infra
+from handlers.infra import InfraState, fold_infra
 from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
 from projections.port import ViewMismatch
 from projections.render import (
@@ -217,17 +215,9 @@ class RedisRegistryProjection:
         if config:
             state.digest = config["digest"]
             state.service_dependencies = json.loads(config["service_dependencies"])
-        before = set(state.components)
-        touched: set[str] = set()
-        for e in events:
-            evolve_infra(state, e)
-            if isinstance(e, InfraConfigLoaded):
-                touched = set(state.components)
-            elif isinstance(e, InfraChecked | InfraStatusChanged):
-                touched.add(e.component)
-        writes: list[Write] = [cmd("delete", component_key(n))
-                               for n in sorted(before - set(state.components))]  # fmt: skip
-        for n in sorted(touched & set(state.components)):
+        changed, gone = fold_infra(state, events)
+        writes: list[Write] = [cmd("delete", component_key(n)) for n in gone]
+        for n in changed:
             writes.append(cmd("delete", component_key(n)))
             writes.append(cmd("hset", component_key(n),
                               mapping=redis_infra_hash(state.components[n])))  # fmt: skip
