@@ -137,7 +137,8 @@ class Hub:
         await self.progress.appended(state.ingress.floor, end)
         for p in self.projections:
             self._spawn(run_projection(self.event_log, p, progress=self.progress,
-                                       metrics=self.metrics), f"projection:{p.name}")  # fmt: skip
+                                       metrics=self.metrics, stop=self._stop),
+                        f"projection:{p.name}")  # fmt: skip
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
         await self.queries.start(self.nc)
         self._spawn(self.ingest.run(self._stop), "ingest")
@@ -174,12 +175,16 @@ class Hub:
             await self.monitor.stop()
         if self.queries is not None:
             await self.queries.stop()
-        for t in self._tasks:
-            t.cancel()
-        if self._tasks:
-            _, stuck = await asyncio.wait(self._tasks, timeout=10)
-            for t in stuck:
-                log.warning("hub_task_did_not_stop", task=t.get_name())
+        # Cancel until done: a cancellation can be swallowed inside a client library
+        # (see run_projection), so one cancel() is not enough; bounded at 10 s.
+        pending = {t for t in self._tasks if not t.done()}
+        deadline = time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        for t in pending:
+            log.warning("hub_task_did_not_stop", task=t.get_name())
         if self.event_log is not None:
             try:
                 await asyncio.wait_for(self.event_log.close(), timeout=10)
