@@ -34,13 +34,22 @@ from events.model import (
     INFRA_EVENTS,
     InfraConfigLoaded,
     InputRejected,
+    InstanceExpired,
     SelfPreservationEnded,
     SelfPreservationStarted,
+    ServiceDeregistered,
     ServiceRegistered,
 )
 from events.names import INFRA_TENANT
 from handlers.infra import InfraState, fold_infra
-from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
+from handlers.registry import (
+    Instance,
+    InstanceEvent,
+    InstanceKey,
+    RegistryState,
+    evolve,
+    key_of,
+)
 from projections.port import ViewMismatch
 from projections.render import (
     RedisValue,
@@ -99,6 +108,25 @@ def cmd(command: str, *args: Any, **kwargs: Any) -> Write:
     return lambda pipe: getattr(pipe, command)(*args, **kwargs)
 
 
+MEMBERSHIP_EVENTS = (ServiceRegistered, ServiceDeregistered, InstanceExpired)
+
+
+def _hash_diff(key: str, before: dict[str, str], inst: Instance | None) -> list[Write]:
+    """The commands that turn the instance hash ``before`` into the fold's ``inst``:
+    only changed fields are written (a heartbeat changes three or four of ~20)."""
+    if inst is None or not inst.live:
+        return [cmd("delete", key)] if before else []
+    after = redis_instance_hash(inst)
+    changed = {f: v for f, v in after.items() if before.get(f) != v}
+    gone = [f for f in before if f not in after]
+    writes: list[Write] = []
+    if changed:
+        writes.append(cmd("hset", key, mapping=changed))
+    if gone:
+        writes.append(cmd("hdel", key, *gone))
+    return writes
+
+
 class RedisRegistryProjection:
     """The live registry view in a Redis-protocol server (client with decode_responses)."""
 
@@ -155,7 +183,10 @@ class RedisRegistryProjection:
             elif isinstance(e, SelfPreservationEnded):
                 preservation[e.tenant] = None
         keys = sorted(touched)
-        services = sorted({(t, s) for t, s, _ in keys})
+        # Only these events can make an instance enter or leave the live view, so only
+        # their services' member sets are read and written (heartbeats never are).
+        services = sorted({(e.tenant, e.service_name) for r in todo
+                           if isinstance(e := r.event, MEMBERSHIP_EVENTS)})  # fmt: skip
         async with self._r.pipeline(transaction=False) as read:
             for k in keys:
                 read.hgetall(instance_key(*k))
@@ -163,26 +194,27 @@ class RedisRegistryProjection:
                 read.smembers(service_key(t, s))
             found = await read.execute()
         state = RegistryState()
+        before: dict[InstanceKey, dict[str, str]] = {}
         for k, h in zip(keys, found[: len(keys)], strict=True):
             if h:
+                before[k] = h
                 state.instances[k] = instance_from_redis(k[0], h)
         members = {ts: set(m) for ts, m in zip(services, found[len(keys) :], strict=True)}
         for r in todo:
             evolve(state, r.event)
         writes: list[Write] = []
         for k in keys:
-            inst = state.instances.get(k)
-            key = instance_key(*k)
-            writes.append(cmd("delete", key))
-            if inst is not None and inst.live:
-                writes.append(cmd("hset", key, mapping=redis_instance_hash(inst)))
-                members[(k[0], k[1])].add(k[2])
-            else:
-                members[(k[0], k[1])].discard(k[2])
+            writes.extend(_hash_diff(instance_key(*k), before.get(k, {}), state.instances.get(k)))
         for (t, s), ids in members.items():
-            writes.append(cmd("delete", service_key(t, s)))
-            if ids:
-                writes.append(cmd("sadd", service_key(t, s), *sorted(ids)))
+            after = {i for (kt, ks, i), inst in state.instances.items()
+                     if kt == t and ks == s and inst.live}  # fmt: skip
+            live_now = (ids - {k[2] for k in keys if k[:2] == (t, s)}) | after
+            added, removed = sorted(live_now - ids), sorted(ids - live_now)
+            if added:
+                writes.append(cmd("sadd", service_key(t, s), *added))
+            if removed:
+                writes.append(cmd("srem", service_key(t, s), *removed))
+            if live_now:
                 writes.append(cmd("sadd", services_key(t), s))
             else:
                 writes.append(cmd("srem", services_key(t), s))
