@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 import structlog
 from nats.aio.client import Client
 
+from events.log import advance, merge_max
 from handlers import LivenessPolicy, RegistryState, evolve
 from hub.config import HubConfig
 from hub.eventlog.jetstream import JetStreamEventLog
@@ -69,8 +70,10 @@ async def rebuild_state(
     sequence below it was acknowledged, hence recorded; saying so up front keeps
     the ledger small although the log no longer holds superseded heartbeats.
     """
-    end = await event_log.end_positions()
     state = RegistryState(policy=policy or LivenessPolicy())
+    # The positions after the last record read, not end_positions(): on Kafka the end
+    # offset also counts the transaction's commit marker, which no reader ever passes.
+    end: dict[int, int] = {}
     state.ingress.raise_floor(ingress_first_seq)
     count = 0
     with gc_paused():
@@ -78,6 +81,7 @@ async def rebuild_state(
             for r in records:
                 evolve(state, r.event)
             count += len(records)
+            merge_max(end, advance({}, records))
     log.info("state_rebuilt", events=count, ingress_floor=state.ingress.floor,
              ingress_high=state.ingress.high)  # fmt: skip
     return state, end
@@ -101,6 +105,7 @@ class Hub:
         self.projections: list[Projection] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
+        self._projections_stop = asyncio.Event()
         self._stopped = False
 
     async def start(self) -> None:
@@ -137,7 +142,7 @@ class Hub:
         await self.progress.appended(state.ingress.floor, end)
         for p in self.projections:
             self._spawn(run_projection(self.event_log, p, progress=self.progress,
-                                       metrics=self.metrics, stop=self._stop),
+                                       metrics=self.metrics, stop=self._projections_stop),
                         f"projection:{p.name}")  # fmt: skip
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
         await self.queries.start(self.nc)
@@ -158,6 +163,15 @@ class Hub:
             log.error("hub_task_died", task=task.get_name(), error=repr(task.exception()))
             self._stop.set()
 
+    async def _drain(self, timeout: float) -> None:
+        """Wait (bounded) until every projection has applied all that was appended."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(self.progress.up_to_date(p.name) for p in self.projections):
+                return
+            await asyncio.sleep(0.05)
+        log.warning("projections_behind_at_stop")
+
     async def reload_infra(self) -> bool:
         """Re-read the infrastructure file (SIGHUP); recorded as InfraConfigLoaded."""
         return self.monitor is not None and await self.monitor.reload()
@@ -175,6 +189,14 @@ class Hub:
             await self.monitor.stop()
         if self.queries is not None:
             await self.queries.stop()
+        # Graceful: the ingest loop ends at its next turn (nothing more is decided), then
+        # the projectors get a moment to apply what was recorded, so the views are not
+        # left behind the log.
+        ingest = [t for t in self._tasks if t.get_name() == "ingest" and not t.done()]
+        if ingest:
+            await asyncio.wait(ingest, timeout=5)
+        await self._drain(timeout=5)
+        self._projections_stop.set()
         # Cancel until done: a cancellation can be swallowed inside a client library
         # (see run_projection), so one cancel() is not enough; bounded at 10 s.
         pending = {t for t in self._tasks if not t.done()}

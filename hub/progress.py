@@ -43,6 +43,11 @@ class Progress:
         self.views[view] = dict(positions)
         await self._notify()
 
+    def up_to_date(self, view: str) -> bool:
+        """Whether ``view`` has applied everything appended so far (positions of records
+        actually written, so Kafka's transaction markers do not count)."""
+        return covers(self.views.get(view, {}), self._appended)
+
     def needed(self, min_seq: int) -> Positions | None:
         """The log positions a view must reach to reflect ``min_seq``; None if not ingested."""
         if min_seq > self.ingested_seq:

@@ -188,7 +188,7 @@ class PostgresRegistryProjection:
                 history.append(e)
         if touched:
             existing = await conn.fetch(
-                "SELECT * FROM service_registry WHERE id = ANY($1::text[])",
+                "SELECT * FROM service_registry WHERE id = ANY($1::text[]) FOR UPDATE",
                 [row_id(*k) for k in touched],
             )
             state = RegistryState()
@@ -211,7 +211,7 @@ class PostgresRegistryProjection:
         events = [r.event for r in todo if isinstance(r.event, INFRA_EVENTS)]
         if not events:
             return
-        rows = await conn.fetch(f"SELECT {', '.join(INFRA_COLUMNS)} FROM infra_status")
+        rows = await conn.fetch(f"SELECT {', '.join(INFRA_COLUMNS)} FROM infra_status FOR UPDATE")
         config = await conn.fetchrow("SELECT digest, service_dependencies FROM infra_config")
         state = InfraState({r["component"]: infra_from_pg(r) for r in rows})
         if config is not None:

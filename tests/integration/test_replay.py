@@ -43,8 +43,13 @@ async def wipe_views(pg, rds) -> None:
 
 
 async def replay_reproduces_the_views(hub, config, pg, rds) -> dict[str, str]:
-    """Stop the hub (no more timer decisions), then: `hub verify` passes; both views
-    wiped; `hub replay`; `hub verify` passes with the same checksums. Returns them."""
+    """Stop the hub once its views have caught up with its log (no more timer
+    decisions), then: `hub verify` passes; both views wiped; `hub replay`; `hub verify`
+    passes with the same checksums. Returns them."""
+
+    await eventually(
+        lambda: all(hub.progress.up_to_date(p.name) for p in hub.projections), timeout=30
+    )
     await hub.stop()
     first = hub_cli(config, "verify")
     assert first.returncode == 0, first.stdout + first.stderr
