@@ -28,6 +28,7 @@ class Fleet:
         self.tasks: dict[str, asyncio.Task] = {}
         self.last_ack: dict[str, float] = {}
         self.status: dict[str, str] = {}
+        self.stopping: set[str] = set()
 
     async def register(self, ids: list[str], **lease) -> int:
         seq = 0
@@ -51,13 +52,20 @@ class Fleet:
             self.tasks[i] = asyncio.create_task(self._loop(i))
 
     async def _loop(self, instance: str) -> None:
-        while True:
+        while instance not in self.stopping:
             await self.beat(instance, self.status[instance], load=len(instance) / 10)
             await asyncio.sleep(self.interval)
 
     async def stop(self, ids: list[str] | None = None) -> None:
-        for i in list(self.tasks) if ids is None else ids:
-            task = self.tasks.pop(i)
+        """Stop heartbeating (by flag, not by cancel: a cancel can be lost inside
+        nats-py's request on Python 3.11, and the loop would go on for ever)."""
+        chosen = list(self.tasks) if ids is None else ids
+        self.stopping.update(chosen)  # all at once
+        tasks = [self.tasks.pop(i) for i in chosen]
+        if not tasks:
+            return
+        _, stuck = await asyncio.wait(tasks, timeout=2 * self.interval + 5)
+        for task in stuck:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
