@@ -37,19 +37,17 @@ import contextlib
 import dataclasses
 import logging
 import math
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import msgspec
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from bench._scratch import scratch_root
 from events.codec import decode_event
 from events.model import InstanceHealthChanged
 from hub.app import Hub
@@ -308,15 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 < args.interval <= args.ttl:
         parser.error("need 0 < --interval <= --ttl")
     configure("console", logging.WARNING)  # the hub's info logs would bury the figures
-    root = Path(tempfile.mkdtemp(prefix="hub-bench-detection-")).resolve()
-    root.chmod(0o755)  # PostgreSQL runs as 'nobody' when we are root
     t0 = time.perf_counter()
-    try:
-        print("starting NATS, PostgreSQL and Valkey ...", flush=True)
-        with EmbeddedStack(root / "stack") as stack:
-            code = asyncio.run(bench(args, stack))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    print("starting NATS, PostgreSQL and Valkey ...", flush=True)
+    with scratch_root("hub-bench-detection-") as root, EmbeddedStack(root / "stack") as stack:
+        code = asyncio.run(bench(args, stack))
     print(f"\n(total wall time {time.perf_counter() - t0:.0f} s; servers stopped)")
     return code
 

@@ -42,31 +42,21 @@ import dataclasses
 import io
 import logging
 import pstats
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import msgspec
 import nats
 import nats.js.errors
 import redis.asyncio as aioredis
 from nats.aio.client import Client
-from nats.js.api import (
-    AckPolicy,
-    ConsumerConfig,
-    DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
-    StreamConfig,
-)
 
+from bench._scratch import scratch_root
 from hub.app import Hub
 from hub.config import HubConfig
+from hub.ingest import ingress_consumer_config, ingress_stream_config
 from hub.logs import configure
 from hub.stack import EmbeddedStack
 from projections.redis import instance_key, service_key
@@ -126,26 +116,13 @@ async def publish_all(nc: Client, subject: str, payloads: list[bytes]) -> tuple[
 
 async def setup_raw(nc: Client, config: HubConfig) -> None:
     js = nc.jetstream()
-    stream = StreamConfig(
-        name=RAW_STREAM,
-        subjects=[RAW_SUBJECT],
-        retention=RetentionPolicy.WORK_QUEUE,
-        storage=StorageType.FILE,
-        max_msg_size=config.max_message_bytes,
-        discard=DiscardPolicy.NEW,
-        max_bytes=4 * 1024**3,
+    # Configured exactly like the hub's ingress stream and consumer, under other names.
+    stream = dataclasses.replace(
+        ingress_stream_config(config), name=RAW_STREAM, subjects=[RAW_SUBJECT]
     )
     await js.add_stream(stream)
     await js.add_consumer(
-        RAW_STREAM,
-        ConsumerConfig(
-            durable_name=RAW_CONSUMER,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=60.0,
-            max_deliver=-1,
-            max_ack_pending=20_000,
-        ),
+        RAW_STREAM, dataclasses.replace(ingress_consumer_config(), durable_name=RAW_CONSUMER)
     )
 
 
@@ -457,20 +434,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.instances > 100_000:
         parser.error("--instances: at most 100,000")
     configure("console", logging.WARNING)  # the hub's info logs would bury the figures
-    root = Path(tempfile.mkdtemp(prefix="hub-bench-ingest-")).resolve()
-    root.chmod(0o755)  # PostgreSQL runs as 'nobody' when we are root
     t0 = time.perf_counter()
-    try:
-        servers = "NATS, PostgreSQL, Valkey" + (" and Kafka" if args.log == "kafka" else "")
-        print(f"starting {servers} ...", flush=True)
-        with EmbeddedStack(root / "stack", with_kafka=args.log == "kafka") as stack:
-            try:
-                code = asyncio.run(bench(args, stack))
-            except (RuntimeError, TimeoutError, nats.js.errors.Error) as exc:
-                print(f"\nBENCHMARK FAILED: {exc!r}")
-                code = 2
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    servers = "NATS, PostgreSQL, Valkey" + (" and Kafka" if args.log == "kafka" else "")
+    print(f"starting {servers} ...", flush=True)
+    with (
+        scratch_root("hub-bench-ingest-") as root,
+        EmbeddedStack(root / "stack", with_kafka=args.log == "kafka") as stack,
+    ):
+        try:
+            code = asyncio.run(bench(args, stack))
+        except (RuntimeError, TimeoutError, nats.js.errors.Error) as exc:
+            print(f"\nBENCHMARK FAILED: {exc!r}")
+            code = 2
     print(f"\n(total wall time {time.perf_counter() - t0:.0f} s; servers stopped)")
     return code
 

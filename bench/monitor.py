@@ -28,16 +28,15 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import asyncpg
 import yaml
 
+from bench._scratch import scratch_root
 from hub.app import Hub
 from hub.config import HubConfig
 from hub.stack import EmbeddedStack
@@ -153,16 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.components < 1 or args.interval <= 0 or args.seconds <= 0:
         parser.error("--components, --interval and --seconds must be positive")
-    root = Path(tempfile.mkdtemp(prefix="hub-bench-monitor-")).resolve()
-    root.chmod(0o755)  # PostgreSQL runs as 'nobody' when we are root
-    try:
-        with EmbeddedStack(root / "stack") as stack:
-            path = root / "infrastructure.yaml"
-            ports = [stack.nats.port, stack.redis.port]
-            path.write_text(yaml.safe_dump(infrastructure(ports, args.components, args.interval)))
-            return asyncio.run(bench(args, stack, path))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with scratch_root("hub-bench-monitor-") as root, EmbeddedStack(root / "stack") as stack:
+        path = root / "infrastructure.yaml"
+        ports = [stack.nats.port, stack.redis.port]
+        path.write_text(yaml.safe_dump(infrastructure(ports, args.components, args.interval)))
+        return asyncio.run(bench(args, stack, path))
 
 
 if __name__ == "__main__":

@@ -30,22 +30,20 @@ import io
 import pstats
 import random
 import re
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
+from bench._scratch import scratch_root
 from events.codec import decode_event
 from events.log import LogRecord, Positions, advance
 from events.model import (
@@ -593,20 +591,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.events < 1 or args.instances < 1 or args.rounds < 1 or args.chunk < 1:
         parser.error("--events, --instances, --rounds and --chunk must be positive")
 
-    root = Path(tempfile.mkdtemp(prefix="hub-bench-replay-")).resolve()
-    root.chmod(0o755)  # PostgreSQL runs as 'nobody' when we are root
     t0 = time.perf_counter()
-    try:
-        with contextlib.ExitStack() as stack:
-            print(f"starting Kafka, PostgreSQL and Valkey in {root} ...", flush=True)
-            kafka = stack.enter_context(KafkaServer(root / "kafka"))
-            pg = stack.enter_context(PostgresServer(root / "postgres"))
-            valkey = stack.enter_context(RedisServer(root / "valkey"))
-            db = "bench_replay"
-            pg.create_database(db)
-            code = asyncio.run(bench(args, kafka, pg, valkey, db))
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
+    with scratch_root("hub-bench-replay-") as root, contextlib.ExitStack() as stack:
+        print(f"starting Kafka, PostgreSQL and Valkey in {root} ...", flush=True)
+        kafka = stack.enter_context(KafkaServer(root / "kafka"))
+        pg = stack.enter_context(PostgresServer(root / "postgres"))
+        valkey = stack.enter_context(RedisServer(root / "valkey"))
+        db = "bench_replay"
+        pg.create_database(db)
+        code = asyncio.run(bench(args, kafka, pg, valkey, db))
     print(f"\n(total wall time {time.perf_counter() - t0:.0f} s; servers stopped)")
     return code
 

@@ -76,6 +76,31 @@ EXCERPT_BYTES = 256
 ANNOUNCED = tuple(t for t in WATCH_KIND if t not in (HeartbeatReceived, InfraChecked))
 
 
+def ingress_stream_config(config: HubConfig) -> StreamConfig:
+    """``HUB_INGRESS``: durable, work-queue, refusing oversized input at the door."""
+    return StreamConfig(
+        name=INGRESS_STREAM,
+        subjects=INGRESS_SUBJECTS,
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_msg_size=config.max_message_bytes,
+        discard=DiscardPolicy.NEW,
+        max_bytes=4 * 1024**3,
+    )
+
+
+def ingress_consumer_config() -> ConsumerConfig:
+    """The hub's durable pull consumer of ``HUB_INGRESS``."""
+    return ConsumerConfig(
+        durable_name=INGRESS_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=60.0,
+        max_deliver=-1,
+        max_ack_pending=20_000,
+    )
+
+
 async def ingress_first_seq(nc: Client) -> int:
     """The first sequence still in the ingress stream (0 if there is no stream yet)."""
     try:
@@ -190,17 +215,7 @@ class Ingest:
 
     async def setup(self) -> None:
         """Create the ingress and dead-letter streams and the durable consumer."""
-        await self._ensure_stream(
-            StreamConfig(
-                name=INGRESS_STREAM,
-                subjects=INGRESS_SUBJECTS,
-                retention=RetentionPolicy.WORK_QUEUE,
-                storage=StorageType.FILE,
-                max_msg_size=self._config.max_message_bytes,
-                discard=DiscardPolicy.NEW,
-                max_bytes=4 * 1024**3,
-            )
-        )
+        await self._ensure_stream(ingress_stream_config(self._config))
         await self._ensure_stream(
             StreamConfig(
                 name=DLQ_STREAM,
@@ -222,14 +237,7 @@ class Ingest:
         ingress stream, so it recreates the consumer: with work-queue retention the
         unacknowledged messages stay in the stream and come again at once, in order.
         """
-        config = ConsumerConfig(
-            durable_name=INGRESS_CONSUMER,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=60.0,
-            max_deliver=-1,
-            max_ack_pending=20_000,
-        )
+        config = ingress_consumer_config()
         try:
             info = await self._js.consumer_info(INGRESS_STREAM, INGRESS_CONSUMER)
         except nats.js.errors.NotFoundError:
