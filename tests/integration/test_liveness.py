@@ -131,8 +131,9 @@ async def test_a_silent_instance_goes_critical_within_ttl_then_expires_into_hist
 
     await eventually(critical, timeout=ttl + 3, interval=0.05)
     assert time.time() <= deadline, f"reported {time.time() - deadline:.2f} s too late"
-    change = watcher.of("health_changed", "orders-2")
-    assert change and change[0]["status"] == "critical" and change[0]["previous"] == "healthy"
+    # The push and the view are separate paths: each is awaited, neither assumed first.
+    change = await eventually(lambda: watcher.of("health_changed", "orders-2"), timeout=2)
+    assert change[0]["status"] == "critical" and change[0]["previous"] == "healthy"
     assert "no heartbeat" in change[0]["reason"]
     healthy_only = await instances(nc, healthy_only=True)
     assert set(healthy_only) == {"orders-1", "orders-3"}
@@ -141,7 +142,7 @@ async def test_a_silent_instance_goes_critical_within_ttl_then_expires_into_hist
         return "orders-2" not in await instances(nc)
 
     await eventually(gone, timeout=expire_after + 3, interval=0.1)
-    assert watcher.of("expired", "orders-2")
+    await eventually(lambda: watcher.of("expired", "orders-2"), timeout=2)
     expired_sql = "SELECT count(*) FROM health_history WHERE status = 'expired'"
     await eventually(lambda: pg.fetchval(expired_sql), timeout=5)
     history = await pg.fetch(
@@ -216,16 +217,23 @@ async def test_a_flapping_instance_is_one_event_not_a_flood(start_hub, hub_confi
         await asyncio.sleep(0.1)
     fleet.status["orders-1"] = "healthy"
     await eventually(lambda: watcher.of("flapping_started", "orders-1"), timeout=5)
-    flapping = (await instances(nc))["orders-1"]
-    assert flapping["flapping"] is True
+
+    async def flapping_in_view() -> bool:
+        return (await instances(nc))["orders-1"]["flapping"] is True
+
+    await eventually(flapping_in_view, timeout=5)
     assert "orders-1" not in await instances(nc, healthy_only=True)
 
     await eventually(lambda: watcher.of("flapping_ended", "orders-1"), timeout=10)
     about = watcher.about("orders-1")
     assert about == ["health_changed"] * 3 + ["flapping_started", "flapping_ended"], about
     assert watcher.of("flapping_ended", "orders-1")[0]["status"] == "healthy"
-    steady = (await instances(nc))["orders-1"]
-    assert (steady["flapping"], steady["status"]) == (False, "healthy")
+
+    async def steady() -> bool:
+        i = (await instances(nc))["orders-1"]
+        return (i["flapping"], i["status"]) == (False, "healthy")
+
+    await eventually(steady, timeout=5)
     assert watcher.about("orders-2") == []
     kinds = await pg.fetch(
         "SELECT kind FROM health_history WHERE instance_id = 'orders-1' ORDER BY ts"
@@ -258,8 +266,11 @@ async def test_self_preservation_holds_expiry_for_a_bounded_time(
     started = await eventually(lambda: watcher.of("self_preservation_started"), timeout=10)
     assert (started[0]["critical"], started[0]["live"]) == (8, 10)
     assert watcher.of("expired") == []
-    view = await instances(nc)
-    assert {i for i, v in view.items() if v["at_risk"]} == set(ids[2:])
+
+    async def at_risk_in_view() -> bool:  # the view applies what the watchers were told
+        return {i for i, v in (await instances(nc)).items() if v["at_risk"]} == set(ids[2:])
+
+    await eventually(at_risk_in_view, timeout=5)
     offered = list(await instances(nc, healthy_only=True))
     assert offered[:2] == ids[:2] and set(offered[2:]) == set(ids[2:])  # at risk, after
     assert next(iter(await instances(nc, healthy_only=True, pick="random"))) in ids[:2]
