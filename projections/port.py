@@ -22,6 +22,10 @@ class Projection(Protocol):
     async def setup(self) -> None:
         """Create or migrate what the view needs (idempotent)."""
 
+    async def warm(self) -> None:
+        """Load what the view holds into memory (start-up), so that the first batches
+        need not read it back one instance at a time; optional, never required."""
+
     async def checkpoint(self) -> Positions:
         """The next position per partition this view has applied up to."""
         ...

@@ -12,7 +12,6 @@ already covers are skipped.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -25,27 +24,40 @@ from events.model import (
     HEALTH_EVENTS,
     INFRA_EVENTS,
     Event,
+    HeartbeatReceived,
     InfraChecked,
     InfraConfigLoaded,
     InfraStatusChanged,
     InputRejected,
 )
 from handlers.infra import InfraState, fold_infra
-from handlers.registry import InstanceEvent, InstanceKey, RegistryState, evolve, key_of
+from handlers.registry import (
+    GONE,
+    Instance,
+    InstanceEvent,
+    InstanceKey,
+    RegistryState,
+    evolve,
+    key_of,
+)
+from projections.cache import InstanceCache
 from projections.port import ViewMismatch
 from projections.render import (
     HISTORY_COLUMNS,
     INFRA_COLUMNS,
     INFRA_CONFIG_COLUMNS,
     INFRA_HISTORY_COLUMNS,
+    PG_HEARTBEAT_COLUMNS,
     REGISTRY_COLUMNS,
     REJECTION_COLUMNS,
     ViewState,
     canonical_pg,
     differences,
     expected_pg,
+    from_json,
     infra_from_pg,
     instance_from_pg,
+    pg_heartbeat_row,
     pg_history_row,
     pg_infra_config_row,
     pg_infra_history_row,
@@ -79,6 +91,20 @@ _UPSERT = (
     + ", ".join(f"c{i}" for i in range(len(REGISTRY_COLUMNS)))
     + ") ON CONFLICT (id) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in REGISTRY_COLUMNS[1:])
+)
+# Heartbeat-only changes: just those columns, for many rows in one statement.
+_HEARTBEATS = (
+    "UPDATE service_registry AS r SET "
+    + ", ".join(
+        f"{c} = u.{c}::jsonb" if _TYPES.get(c) == "jsonb" else f"{c} = u.{c}"
+        for c in PG_HEARTBEAT_COLUMNS
+    )
+    + " FROM unnest($1::text[], "
+    + ", ".join(
+        f"${i + 2}::{'text' if _TYPES.get(c) == 'jsonb' else _TYPES.get(c, 'text')}[]"
+        for i, c in enumerate(PG_HEARTBEAT_COLUMNS)
+    )
+    + f") AS u(id, {', '.join(PG_HEARTBEAT_COLUMNS)}) WHERE r.id = u.id"
 )
 _REJECTED = (
     f"INSERT INTO input_rejections ({', '.join(REJECTION_COLUMNS)}) "
@@ -129,22 +155,52 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
 JOURNAL = "infra_checks"
 
 
+_INFRA_TYPES = frozenset(INFRA_EVENTS)
+
+
 class PostgresRegistryProjection:
     """The registry view in PostgreSQL."""
 
     def __init__(
         self, pool: asyncpg.Pool, *, name: str = "postgres-registry",
         journal_days: float = 7.0, clock: Callable[[], float] = time.time,
+        cache: int = 50_000,
     ) -> None:  # fmt: skip
         self._pool = pool
         self.name = name
         self._journal_days = journal_days
         self._clock = clock
         self._pruned_at = 0.0
+        self._cache: InstanceCache[Instance] = InstanceCache(cache)
 
     async def setup(self) -> None:
         async with self._pool.acquire() as conn:
             await migrate(conn)
+
+    async def warm(self) -> None:
+        """Read the live instances (up to the cache's limit, most recently seen first)
+        into the cache, with the checkpoint, in one snapshot."""
+        if not self._cache.limit:
+            return
+        async with (
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            rows = await conn.fetch(
+                "SELECT partition, position FROM projection_checkpoints WHERE projection = $1",
+                self.name,
+            )
+            at = {r["partition"]: r["position"] for r in rows}
+            live = await conn.fetch(
+                "SELECT * FROM service_registry WHERE status <> ALL($1::text[])"
+                " ORDER BY last_seen DESC LIMIT $2",
+                sorted(GONE), self._cache.limit,
+            )  # fmt: skip
+        entries: dict[InstanceKey, Instance] = {}
+        for row in reversed(live):  # the most recently seen go last: dropped last
+            inst = instance_from_pg(row)
+            entries[(inst.tenant, inst.service_name, inst.instance_id)] = inst
+        self._cache.load(entries, at)
 
     async def checkpoint(self) -> Positions:
         rows = await self._pool.fetch(
@@ -165,50 +221,84 @@ class PostgresRegistryProjection:
             todo = unseen(records, checkpoint)
             if not todo:
                 return checkpoint
-            await self._write(conn, todo)
-            await self._write_infra(conn, todo)
-            new = advance(checkpoint, todo)
-            await conn.executemany(
-                _CHECKPOINT, [(self.name, p, n) for p, n in new.items() if n != checkpoint.get(p)]
-            )
-            return new
+            self._cache.valid_at(checkpoint)
+            try:
+                written = await self._write(conn, todo)
+                await self._write_infra(conn, todo)
+                new = advance(checkpoint, todo)
+                await conn.executemany(
+                    _CHECKPOINT,
+                    [(self.name, p, n) for p, n in new.items() if n != checkpoint.get(p)],
+                )
+            except BaseException:
+                self._cache.clear()  # its instances may be folded further than written
+                raise
+        # Committed (leaving the block without an exception commits).
+        self._cache.remember(written, new)
+        return new
 
-    @staticmethod
-    async def _write(conn: asyncpg.Connection, todo: Sequence[LogRecord]) -> None:
+    async def _write(
+        self, conn: asyncpg.Connection, todo: Sequence[LogRecord]
+    ) -> dict[InstanceKey, Instance | None]:
+        """Fold the batch over the rows it touches and write them; returns each touched
+        instance as written (None: not in the table)."""
         touched: set[InstanceKey] = set()
+        not_only_heartbeats: set[InstanceKey] = set()
         rejections: list[InputRejected] = []
         history: list[Event] = []
         for r in todo:
             e = r.event
             if isinstance(e, InstanceEvent):
                 touched.add(key_of(e))
+                if not isinstance(e, HeartbeatReceived):
+                    not_only_heartbeats.add(key_of(e))
             if isinstance(e, InputRejected):
                 rejections.append(e)
             elif isinstance(e, HEALTH_EVENTS):
                 history.append(e)
+        written: dict[InstanceKey, Instance | None] = {}
         if touched:
-            existing = await conn.fetch(
-                "SELECT * FROM service_registry WHERE id = ANY($1::text[]) FOR UPDATE",
-                [row_id(*k) for k in touched],
-            )
             state = RegistryState()
-            for row in existing:
-                inst = instance_from_pg(row)
-                state.instances[(inst.tenant, inst.service_name, inst.instance_id)] = inst
+            cached = self._cache.entries
+            for k in touched:
+                if (inst := cached.get(k)) is not None:
+                    state.instances[k] = inst
+            unknown = [row_id(*k) for k in touched if k not in state.instances]
+            if unknown:
+                rows = await conn.fetch(
+                    "SELECT * FROM service_registry WHERE id = ANY($1::text[]) FOR UPDATE",
+                    unknown,
+                )
+                for row in rows:
+                    inst = instance_from_pg(row)
+                    state.instances[(inst.tenant, inst.service_name, inst.instance_id)] = inst
             for r in todo:
                 evolve(state, r.event)
-            changed = [pg_registry_row(state.instances[k]) for k in touched
-                       if k in state.instances]  # fmt: skip
+            changed, beats = [], []
+            for k in touched:
+                inst = state.instances.get(k)
+                written[k] = inst
+                if inst is None:
+                    continue
+                if k in cached and k not in not_only_heartbeats:
+                    # Only heartbeats, on a row as this view last wrote it: only the
+                    # heartbeat columns can differ (the model test holds this to the fold).
+                    beats.append(pg_heartbeat_row(inst))
+                else:
+                    changed.append(pg_registry_row(inst))
             if changed:
                 await conn.execute(_UPSERT, *map(list, zip(*changed, strict=True)))
+            if beats:
+                await conn.execute(_HEARTBEATS, *map(list, zip(*beats, strict=True)))
         if rejections:
             await conn.executemany(_REJECTED, [pg_rejection_row(e) for e in rejections])
         if history:
             await conn.executemany(_HISTORY, [pg_history_row(e) for e in history])
+        return written
 
     async def _write_infra(self, conn: asyncpg.Connection, todo: Sequence[LogRecord]) -> None:
         """Fold the batch's infrastructure events over the components they touch."""
-        events = [r.event for r in todo if isinstance(r.event, INFRA_EVENTS)]
+        events = [e for r in todo if type(e := r.event) in _INFRA_TYPES]
         if not events:
             return
         rows = await conn.fetch(f"SELECT {', '.join(INFRA_COLUMNS)} FROM infra_status FOR UPDATE")
@@ -216,7 +306,7 @@ class PostgresRegistryProjection:
         state = InfraState({r["component"]: infra_from_pg(r) for r in rows})
         if config is not None:
             state.digest = config["digest"]
-            state.service_dependencies = json.loads(config["service_dependencies"])
+            state.service_dependencies = from_json(config["service_dependencies"])
         changed_names, gone = fold_infra(state, events)
         if gone:
             await conn.execute("DELETE FROM infra_status WHERE component = ANY($1::text[])", gone)

@@ -21,17 +21,17 @@ a second writer of the same projection makes this one retry, never double-apply.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
 
 from events.log import LogRecord, Positions, advance, unseen
 from events.model import (
     INFRA_EVENTS,
+    HeartbeatReceived,
     InfraConfigLoaded,
     InputRejected,
     InstanceExpired,
@@ -50,6 +50,7 @@ from handlers.registry import (
     evolve,
     key_of,
 )
+from projections.cache import InstanceCache
 from projections.port import ViewMismatch
 from projections.render import (
     RedisValue,
@@ -57,11 +58,14 @@ from projections.render import (
     canonical_redis,
     differences,
     expected_redis,
+    from_json,
     infra_from_redis,
     instance_from_redis,
+    redis_heartbeat_fields,
     redis_infra_hash,
     redis_instance_hash,
     redis_preservation_hash,
+    to_json,
 )
 
 TENANTS_KEY = "hub:_meta:tenants"
@@ -100,23 +104,78 @@ def checkpoint_key(projection: str) -> str:
     return f"hub:_meta:checkpoint:{projection}"
 
 
-Write = Callable[[Any], Any]
+# One write of a batch: (command, key, arguments).
+Write = tuple[str, str, list[str]]
+_COMMANDS = {"delete": "DEL", "hset": "HSET", "hdel": "HDEL", "sadd": "SADD", "srem": "SREM",
+             "hincrby": "HINCRBY"}  # fmt: skip
 
 
-def cmd(command: str, *args: Any, **kwargs: Any) -> Write:
-    """A Redis command to queue on a pipeline later."""
-    return lambda pipe: getattr(pipe, command)(*args, **kwargs)
+def cmd(command: str, key: str, *args: Any, mapping: dict[str, Any] | None = None) -> Write:
+    """A write to send with the batch (``mapping``: HSET's field/value pairs)."""
+    flat = [str(a) for a in args]
+    if mapping is not None:
+        for f, v in mapping.items():
+            flat += (f, str(v))
+    return (_COMMANDS[command], key, flat)
+
+
+# Applies one batch atomically, if the checkpoint is still the one it was planned on.
+# KEYS[1] is the checkpoint hash, KEYS[2..] every key written (declared, as DragonflyDB
+# requires); ARGV[1] one JSON document (one argument, so the client encodes one value,
+# not a dozen per instance): [expected checkpoint pairs, new checkpoint pairs, writes],
+# a write being [command, index in KEYS, [arguments]]. Returns 0, having written
+# nothing, when the checkpoint moved.
+APPLY_BATCH = """
+local batch = cjson.decode(ARGV[1])
+local expected, new, writes = batch[1], batch[2], batch[3]
+local cur = redis.call('HGETALL', KEYS[1])
+if #cur ~= #expected then return 0 end
+local have = {}
+for j = 1, #cur, 2 do have[cur[j]] = cur[j + 1] end
+for j = 1, #expected, 2 do
+  if have[expected[j]] ~= expected[j + 1] then return 0 end
+end
+for _, w in ipairs(writes) do
+  redis.call(w[1], KEYS[w[2]], unpack(w[3]))
+end
+redis.call('DEL', KEYS[1])
+if #new > 0 then redis.call('HSET', KEYS[1], unpack(new)) end
+return 1
+"""
+_encode_batch = msgspec.json.Encoder().encode
+UNPACK_AT_MOST = 1000  # Lua's unpack() takes at most a few thousand values
+
+
+def batch_arguments(
+    ckey: str, expected: Positions, new: Positions, writes: Sequence[Write]
+) -> tuple[list[str], bytes]:
+    """KEYS and the one ARGV of APPLY_BATCH."""
+    keys = [ckey]
+    index: dict[str, int] = {ckey: 1}
+    out: list[tuple[str, int, list[str]]] = []
+    for command, key, values in writes:
+        i = index.get(key)
+        if i is None:
+            keys.append(key)
+            i = index[key] = len(keys)
+        if len(values) <= UNPACK_AT_MOST:
+            out.append((command, i, values))
+        else:  # only variadic writes are ever long; an even part size keeps HSET pairs
+            out += [(command, i, values[at : at + UNPACK_AT_MOST])
+                    for at in range(0, len(values), UNPACK_AT_MOST)]  # fmt: skip
+    pairs = [[str(x) for p, n in sorted(c.items()) for x in (p, n)] for c in (expected, new)]
+    return keys, _encode_batch([pairs[0], pairs[1], out])
 
 
 MEMBERSHIP_EVENTS = (ServiceRegistered, ServiceDeregistered, InstanceExpired)
 
 
-def _hash_diff(key: str, before: dict[str, str], inst: Instance | None) -> list[Write]:
-    """The commands that turn the instance hash ``before`` into the fold's ``inst``:
-    only changed fields are written (a heartbeat changes three or four of ~20)."""
-    if inst is None or not inst.live:
+def _hash_diff(key: str, before: dict[str, str], after: dict[str, str] | None) -> list[Write]:
+    """The commands that turn the instance hash ``before`` into ``after`` (None: the
+    instance left the live view): only changed fields are written (a heartbeat
+    changes three or four of ~20)."""
+    if after is None:
         return [cmd("delete", key)] if before else []
-    after = redis_instance_hash(inst)
     changed = {f: v for f, v in after.items() if before.get(f) != v}
     gone = [f for f in before if f not in after]
     writes: list[Write] = []
@@ -127,15 +186,48 @@ def _hash_diff(key: str, before: dict[str, str], inst: Instance | None) -> list[
     return writes
 
 
+_INFRA_TYPES = frozenset(INFRA_EVENTS)
+
+
 class RedisRegistryProjection:
     """The live registry view in a Redis-protocol server (client with decode_responses)."""
 
-    def __init__(self, client: aioredis.Redis, *, name: str = "redis-registry") -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, name: str = "redis-registry", cache: int = 50_000
+    ) -> None:
         self._r = client
         self.name = name
+        self._cache: InstanceCache[tuple[Instance, dict[str, str]]] = InstanceCache(cache)
+        self._apply_batch = client.register_script(APPLY_BATCH)
 
     async def setup(self) -> None:
         return None
+
+    async def warm(self) -> None:
+        """Read the live instances (up to the cache's limit) into the cache, at the
+        checkpoint they were read at (read again after: the scan must not straddle a
+        write, else the cache stays empty)."""
+        limit = self._cache.limit
+        if not limit:
+            return
+        at = await self.checkpoint()
+        names: list[str] = []
+        async for k in self._r.scan_iter(match="hub:*:inst:*", count=1000):
+            names.append(k)
+            if len(names) >= limit:
+                break
+        entries: dict[InstanceKey, tuple[Instance, dict[str, str]]] = {}
+        for i in range(0, len(names), 1000):
+            async with self._r.pipeline(transaction=False) as read:
+                for k in names[i : i + 1000]:
+                    read.hgetall(k)
+                found = await read.execute()
+            for k, h in zip(names[i : i + 1000], found, strict=True):
+                if h:
+                    inst = instance_from_redis(k.split(":", 2)[1], h)
+                    entries[(inst.tenant, inst.service_name, inst.instance_id)] = (inst, h)
+        if await self.checkpoint() == at:
+            self._cache.load(entries, at)
 
     async def checkpoint(self) -> Positions:
         raw = await self._r.hgetall(checkpoint_key(self.name))
@@ -143,29 +235,38 @@ class RedisRegistryProjection:
 
     async def apply(self, records: Sequence[LogRecord]) -> Positions:
         ckey = checkpoint_key(self.name)
+        # The checkpoint the cache is valid at is this writer's last commit; if anything
+        # else moved it since, the script refuses the batch and it is planned again.
+        checkpoint = self._cache.at
         while True:
-            async with self._r.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(ckey)
-                    raw = await pipe.hgetall(ckey)
-                    checkpoint = {int(k): int(v) for k, v in raw.items()}
-                    todo = unseen(records, checkpoint)
-                    if not todo:
-                        return checkpoint
-                    writes = await self._plan(todo) + await self._plan_infra(todo)
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    for write in writes:
-                        write(pipe)
-                    new = advance(checkpoint, todo)
-                    pipe.hset(ckey, mapping={str(p): str(n) for p, n in new.items()})
-                    await pipe.execute()
-                    return new
-                except WatchError:
-                    continue
+            if checkpoint is None:
+                checkpoint = await self.checkpoint()
+            todo = unseen(records, checkpoint)
+            if not todo:
+                return checkpoint
+            self._cache.valid_at(checkpoint)
+            try:
+                writes, written = await self._plan(todo)
+                writes += await self._plan_infra(todo)
+                new = advance(checkpoint, todo)
+                keys, batch = batch_arguments(ckey, checkpoint, new, writes)
+                done = await self._apply_batch(keys=keys, args=[batch])
+            except BaseException:
+                self._cache.clear()  # its instances may be folded further than written
+                raise
+            if done:
+                self._cache.remember(written, new)
+                return new
+            self._cache.clear()
+            checkpoint = None
 
-    async def _plan(self, todo: Sequence[LogRecord]) -> list[Write]:
-        """Fold the batch over the keys it touches; the commands that write the result."""
+    async def _plan(
+        self, todo: Sequence[LogRecord]
+    ) -> tuple[list[Write], dict[InstanceKey, tuple[Instance, dict[str, str]] | None]]:
+        """Fold the batch over the keys it touches; the commands that write the result,
+        and each touched instance as written (None: not in the live view)."""
         touched: set[InstanceKey] = set()
+        not_only_heartbeats: set[InstanceKey] = set()
         stats: Counter[tuple[str, str]] = Counter()
         tenants: set[str] = set()
         preservation: dict[str, SelfPreservationStarted | None] = {}
@@ -173,6 +274,8 @@ class RedisRegistryProjection:
             e = r.event
             if isinstance(e, InstanceEvent):
                 touched.add(key_of(e))
+                if not isinstance(e, HeartbeatReceived):
+                    not_only_heartbeats.add(key_of(e))
                 if isinstance(e, ServiceRegistered):
                     tenants.add(e.tenant)
             elif isinstance(e, InputRejected):
@@ -187,24 +290,50 @@ class RedisRegistryProjection:
         # their services' member sets are read and written (heartbeats never are).
         services = sorted({(e.tenant, e.service_name) for r in todo
                            if isinstance(e := r.event, MEMBERSHIP_EVENTS)})  # fmt: skip
-        async with self._r.pipeline(transaction=False) as read:
-            for k in keys:
-                read.hgetall(instance_key(*k))
-            for t, s in services:
-                read.smembers(service_key(t, s))
-            found = await read.execute()
         state = RegistryState()
         before: dict[InstanceKey, dict[str, str]] = {}
-        for k, h in zip(keys, found[: len(keys)], strict=True):
+        cached = self._cache.entries
+        for k in keys:
+            if (hit := cached.get(k)) is not None:
+                state.instances[k], before[k] = hit
+        unknown = [k for k in keys if k not in before]
+        found: list[Any] = []
+        if unknown or services:
+            async with self._r.pipeline(transaction=False) as read:
+                for k in unknown:
+                    read.hgetall(instance_key(*k))
+                for t, s in services:
+                    read.smembers(service_key(t, s))
+                found = await read.execute()
+        for k, h in zip(unknown, found[: len(unknown)], strict=True):
             if h:
                 before[k] = h
                 state.instances[k] = instance_from_redis(k[0], h)
-        members = {ts: set(m) for ts, m in zip(services, found[len(keys) :], strict=True)}
+        members = {ts: set(m) for ts, m in zip(services, found[len(unknown) :], strict=True)}
         for r in todo:
             evolve(state, r.event)
         writes: list[Write] = []
+        written: dict[InstanceKey, tuple[Instance, dict[str, str]] | None] = {}
         for k in keys:
-            writes.extend(_hash_diff(instance_key(*k), before.get(k, {}), state.instances.get(k)))
+            inst = state.instances.get(k)
+            if (inst is not None and inst.live and k in cached
+                    and k not in not_only_heartbeats):  # fmt: skip
+                # Only heartbeats, on an instance as this view last wrote it: only the
+                # heartbeat fields can differ (the model test holds this to the fold).
+                hb = redis_heartbeat_fields(inst)
+                old = before[k]
+                changed = {f: v for f, v in hb.items() if old.get(f) != v}
+                if changed:
+                    writes.append(cmd("hset", instance_key(*k), mapping=changed))
+                    old.update(changed)
+                if "load" in old and "load" not in hb:
+                    writes.append(cmd("hdel", instance_key(*k), "load"))
+                    del old["load"]
+                written[k] = (inst, old)
+                continue
+            rendered = redis_instance_hash(inst) if inst is not None and inst.live else None
+            writes.extend(_hash_diff(instance_key(*k), before.get(k, {}), rendered))
+            written[k] = (inst, rendered) if inst is not None and rendered is not None else None
         for (t, s), ids in members.items():
             after = {i for (kt, ks, i), inst in state.instances.items()
                      if kt == t and ks == s and inst.live}  # fmt: skip
@@ -227,11 +356,11 @@ class RedisRegistryProjection:
             if started is not None:
                 mapping = redis_preservation_hash(started.ts, started.until)
                 writes.append(cmd("hset", preservation_key(t), mapping=mapping))
-        return writes
+        return writes, written
 
     async def _plan_infra(self, todo: Sequence[LogRecord]) -> list[Write]:
         """Fold the batch's infrastructure events over the components they touch."""
-        events = [r.event for r in todo if isinstance(r.event, INFRA_EVENTS)]
+        events = [e for r in todo if type(e := r.event) in _INFRA_TYPES]
         if not events:
             return []
         names: set[str] = await self._r.smembers(INFRA_COMPONENTS_KEY)  # type: ignore[assignment]
@@ -246,7 +375,7 @@ class RedisRegistryProjection:
         config = found[-1]
         if config:
             state.digest = config["digest"]
-            state.service_dependencies = json.loads(config["service_dependencies"])
+            state.service_dependencies = from_json(config["service_dependencies"])
         changed, gone = fold_infra(state, events)
         writes: list[Write] = [cmd("delete", component_key(n)) for n in gone]
         for n in changed:
@@ -259,7 +388,7 @@ class RedisRegistryProjection:
         if any(isinstance(e, InfraConfigLoaded) for e in events):
             writes.append(cmd("hset", INFRA_CONFIG_KEY, mapping={
                 "digest": state.digest,
-                "service_dependencies": json.dumps(state.service_dependencies, sort_keys=True),
+                "service_dependencies": to_json(state.service_dependencies),
             }))  # fmt: skip
         return writes
 

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import msgspec
+
 from events.model import (
     HEALTH_EVENTS,
     Event,
@@ -33,6 +35,13 @@ from handlers.infra import InfraComponent, InfraState
 from handlers.registry import EXPIRED, Instance, RegistryState, evolve
 
 CHECKPOINT_PREFIX = "_meta:checkpoint:"
+_json = msgspec.json.Encoder(order="sorted")
+from_json = msgspec.json.decode
+
+
+def to_json(value: Any) -> str:
+    """The one JSON rendering of a structured field: compact, object keys sorted."""
+    return _json.encode(value).decode()
 
 
 def ts(seconds: float) -> datetime:
@@ -100,13 +109,24 @@ def pg_registry_row(inst: Instance) -> tuple[Any, ...]:
     return (
         row_id(inst.tenant, inst.service_name, inst.instance_id), inst.tenant,
         inst.service_name, inst.instance_id, inst.host, inst.port, inst.protocol,
-        inst.health_endpoint, inst.version, json.dumps(inst.metadata, sort_keys=True),
+        inst.health_endpoint, inst.version, to_json(inst.metadata),
         inst.status, ts(inst.registered_at), ts(inst.last_seen),
-        json.dumps(inst.transport_preferences), False, inst.heartbeat_interval_s,
-        json.dumps(inst.depends_on), inst.load, inst.ttl_s, inst.expire_after_s,
+        to_json(inst.transport_preferences), False, inst.heartbeat_interval_s,
+        to_json(inst.depends_on), inst.load, inst.ttl_s, inst.expire_after_s,
         ts(inst.status_since), inst.flapping, inst.reported,
-        json.dumps(inst.checks, sort_keys=True),
+        to_json(inst.checks),
     )  # fmt: skip
+
+
+# The service_registry columns a heartbeat sets; a batch that only brings heartbeats
+# for an instance changes no other column.
+PG_HEARTBEAT_COLUMNS = ("last_seen", "load", "reported_status", "checks")
+
+
+def pg_heartbeat_row(inst: Instance) -> tuple[Any, ...]:
+    """The row's id and its PG_HEARTBEAT_COLUMNS, as pg_registry_row renders them."""
+    return (row_id(inst.tenant, inst.service_name, inst.instance_id), ts(inst.last_seen),
+            inst.load, inst.reported, to_json(inst.checks))  # fmt: skip
 
 
 def instance_from_pg(row: Mapping[str, Any]) -> Instance:
@@ -115,14 +135,14 @@ def instance_from_pg(row: Mapping[str, Any]) -> Instance:
         tenant=row["tenant_id"], service_name=row["service_name"],
         instance_id=row["instance_id"], host=row["host"], port=row["port"],
         protocol=row["protocol"], health_endpoint=row["health_endpoint"],
-        version=row["version"], metadata=json.loads(row["metadata"]),
-        transport_preferences=json.loads(row["transport_preferences"]),
+        version=row["version"], metadata=from_json(row["metadata"]),
+        transport_preferences=from_json(row["transport_preferences"]),
         heartbeat_interval_s=row["heartbeat_interval_s"],
-        depends_on=json.loads(row["depends_on"]), status=row["status"],
+        depends_on=from_json(row["depends_on"]), status=row["status"],
         registered_at=row["registered_at"].timestamp(), last_seen=row["last_seen"].timestamp(),
         load=row["load"], ttl_s=row["ttl_s"], expire_after_s=row["expire_after_s"],
         status_since=row["status_since"].timestamp(), flapping=row["flapping"],
-        reported=row["reported_status"], checks=json.loads(row["checks"]),
+        reported=row["reported_status"], checks=from_json(row["checks"]),
     )  # fmt: skip
 
 
@@ -162,7 +182,7 @@ def pg_history_row(e: Event) -> tuple[Any, ...]:
         case _:
             raise TypeError(f"{type(e).__name__} is not a health event")
     return (e.event_id, e.tenant, service, instance, kind, previous, status, reason, ts(e.ts),
-            json.dumps(detail, sort_keys=True))  # fmt: skip
+            to_json(detail))  # fmt: skip
 
 
 INFRA_COLUMNS = (
@@ -181,8 +201,8 @@ def pg_infra_row(c: InfraComponent) -> tuple[Any, ...]:
     return (
         c.name, c.status, ts(c.status_since), last.status if last else None,
         ts(last.ts) if last else None, last.response_time_ms if last else None,
-        last.error if last else "", json.dumps(last.metadata if last else {}, sort_keys=True),
-        c.consecutive_failures, json.dumps(c.config, sort_keys=True),
+        last.error if last else "", to_json(last.metadata if last else {}),
+        c.consecutive_failures, to_json(c.config),
     )  # fmt: skip
 
 
@@ -199,8 +219,8 @@ def _last_check(name: str, fields: Mapping[str, Any]) -> InfraChecked | None:
 
 def infra_from_pg(row: Mapping[str, Any]) -> InfraComponent:
     checked = row["checked_at"].timestamp() if row["checked_at"] else 0.0
-    fields = {**row, "metadata": json.loads(row["metadata"]), "checked_at": checked}
-    return InfraComponent(row["component"], json.loads(row["config"]), status=row["status"],
+    fields = {**row, "metadata": from_json(row["metadata"]), "checked_at": checked}
+    return InfraComponent(row["component"], from_json(row["config"]), status=row["status"],
                           status_since=row["status_since"].timestamp(),
                           last_check=_last_check(row["component"], fields))  # fmt: skip
 
@@ -211,7 +231,7 @@ def pg_infra_history_row(e: InfraStatusChanged) -> tuple[Any, ...]:
 
 
 def pg_infra_config_row(infra: InfraState) -> tuple[Any, ...]:
-    return (1, infra.digest, json.dumps(infra.service_dependencies, sort_keys=True))
+    return (1, infra.digest, to_json(infra.service_dependencies))
 
 
 JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on", "checks", "detail",
@@ -287,19 +307,28 @@ def redis_instance_hash(inst: Instance) -> dict[str, str]:
         "protocol": inst.protocol,
         "version": inst.version,
         "health_endpoint": inst.health_endpoint,
-        "metadata": json.dumps(inst.metadata, sort_keys=True),
-        "transport_preferences": json.dumps(inst.transport_preferences),
+        "metadata": to_json(inst.metadata),
+        "transport_preferences": to_json(inst.transport_preferences),
         "heartbeat_interval_s": num(inst.heartbeat_interval_s),
-        "depends_on": json.dumps(inst.depends_on),
+        "depends_on": to_json(inst.depends_on),
         "status": inst.status,
         "registered_at": num(inst.registered_at),
-        "last_seen": num(inst.last_seen),
         "ttl_s": num(inst.ttl_s),
         "expire_after_s": num(inst.expire_after_s),
         "status_since": num(inst.status_since),
         "flapping": "1" if inst.flapping else "0",
+    }
+    h.update(redis_heartbeat_fields(inst))
+    return h
+
+
+def redis_heartbeat_fields(inst: Instance) -> dict[str, str]:
+    """The fields of the instance hash a heartbeat sets (``load`` absent when None);
+    a batch that only brings heartbeats for an instance changes no other field."""
+    h = {
+        "last_seen": num(inst.last_seen),
         "reported_status": inst.reported,
-        "checks": json.dumps(inst.checks, sort_keys=True),
+        "checks": to_json(inst.checks),
     }
     if inst.load is not None:
         h["load"] = num(inst.load)
@@ -311,27 +340,27 @@ def instance_from_redis(tenant: str, h: Mapping[str, str]) -> Instance:
         tenant=tenant, service_name=h["service_name"], instance_id=h["instance_id"],
         host=h["host"], port=int(h["port"]), protocol=h["protocol"],
         health_endpoint=h["health_endpoint"], version=h["version"],
-        metadata=json.loads(h["metadata"]),
-        transport_preferences=json.loads(h["transport_preferences"]),
+        metadata=from_json(h["metadata"]),
+        transport_preferences=from_json(h["transport_preferences"]),
         heartbeat_interval_s=float(h["heartbeat_interval_s"]),
-        depends_on=json.loads(h["depends_on"]), status=h["status"],
+        depends_on=from_json(h["depends_on"]), status=h["status"],
         registered_at=float(h["registered_at"]), last_seen=float(h["last_seen"]),
         load=float(h["load"]) if "load" in h else None, ttl_s=float(h["ttl_s"]),
         expire_after_s=float(h["expire_after_s"]), status_since=float(h["status_since"]),
         flapping=h["flapping"] == "1", reported=h["reported_status"],
-        checks=json.loads(h["checks"]),
+        checks=from_json(h["checks"]),
     )  # fmt: skip
 
 
 def redis_infra_hash(c: InfraComponent) -> dict[str, str]:
     """``hub:_infra:component:<name>``: status, last check and configuration."""
     h = {"component": c.name, "status": c.status, "status_since": num(c.status_since),
-         "config": json.dumps(c.config, sort_keys=True)}  # fmt: skip
+         "config": to_json(c.config)}  # fmt: skip
     last = c.last_check
     if last is not None:
         h |= {"last_result": last.status, "checked_at": num(last.ts),
               "response_time_ms": num(last.response_time_ms), "error": last.error,
-              "metadata": json.dumps(last.metadata, sort_keys=True),
+              "metadata": to_json(last.metadata),
               "consecutive_failures": str(last.consecutive_failures)}  # fmt: skip
     return h
 
@@ -342,9 +371,9 @@ def infra_from_redis(h: Mapping[str, str]) -> InfraComponent:
         last = _last_check(h["component"], {
             "last_result": h["last_result"], "checked_at": float(h["checked_at"]),
             "response_time_ms": float(h["response_time_ms"]), "error": h["error"],
-            "metadata": json.loads(h["metadata"]),
+            "metadata": from_json(h["metadata"]),
             "consecutive_failures": int(h["consecutive_failures"])})  # fmt: skip
-    return InfraComponent(h["component"], json.loads(h["config"]), status=h["status"],
+    return InfraComponent(h["component"], from_json(h["config"]), status=h["status"],
                           status_since=float(h["status_since"]), last_check=last)  # fmt: skip
 
 
@@ -394,7 +423,7 @@ def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue
     if infra.digest:
         keys[f"{prefix}:{INFRA_TENANT}:config"] = {
             "digest": infra.digest,
-            "service_dependencies": json.dumps(infra.service_dependencies, sort_keys=True),
+            "service_dependencies": to_json(infra.service_dependencies),
         }
     return keys
 
@@ -409,7 +438,7 @@ def canonical_redis(key: str, value: RedisValue, prefix: str = "hub") -> str:
 
 # --- heartbeats that moved on ---------------------------------------------------------
 
-HEARTBEAT_COLUMNS = frozenset({"last_seen", "load", "reported_status", "checks"})
+HEARTBEAT_COLUMNS = frozenset(PG_HEARTBEAT_COLUMNS)
 _HB_INDEXES = [i for i, c in enumerate(REGISTRY_COLUMNS) if c in HEARTBEAT_COLUMNS]
 
 
