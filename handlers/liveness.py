@@ -54,12 +54,12 @@ def tick(
             continue
         t = inst.tenant
         live[t] += 1
-        subject = f"{t}/{inst.service_name}/{inst.instance_id}"
         lapsed = judge_leases and now > lease_deadline(inst, lease_floor)
         if inst.flapping:
             quiet_since = max(inst.reported_changed_at, inst.status_since)
             if now - quiet_since >= policy.flap_quiet_s:
                 status = CRITICAL if lapsed else inst.reported
+                subject = f"{t}/{inst.service_name}/{inst.instance_id}"
                 out.append(FlappingEnded(
                     event_id=_timer_id("flapping-ended", subject, now), tenant=t, ts=now,
                     service_name=inst.service_name, instance_id=inst.instance_id,
@@ -71,6 +71,7 @@ def tick(
             continue
         if lapsed and inst.status != CRITICAL:
             silent = now - inst.last_seen
+            subject = f"{t}/{inst.service_name}/{inst.instance_id}"
             change = health_change(
                 inst, CRITICAL,
                 f"no heartbeat for {silent:.1f} s (ttl {inst.ttl_s:g} s)",

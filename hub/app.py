@@ -27,6 +27,7 @@ from hub.metrics import Metrics
 from hub.progress import Progress
 from hub.projector import run_projection
 from hub.queries import QueryService
+from hub.tail import LogTail
 from projections.port import Projection
 from projections.postgres import PostgresRegistryProjection
 from projections.redis import RedisRegistryProjection
@@ -95,6 +96,7 @@ class Hub:
         self.clock = clock
         self.metrics = Metrics()
         self.progress = Progress()
+        self.tail = LogTail()  # the ingest loop's appends, handed to the projectors
         self.nc: Client | None = None
         self.pool: asyncpg.Pool | None = None
         self.redis: aioredis.Redis | None = None
@@ -136,13 +138,15 @@ class Hub:
             await p.setup()
         first_seq = await ingress_first_seq(self.nc)
         state, end = await rebuild_state(self.event_log, c.liveness, ingress_first_seq=first_seq)
+        self.tail.reset(end)
         self.ingest = Ingest(self.nc, self.event_log, state, c, metrics=self.metrics,
-                             progress=self.progress, clock=self.clock)  # fmt: skip
+                             progress=self.progress, clock=self.clock, tail=self.tail)  # fmt: skip
         await self.ingest.setup()
         await self.progress.appended(state.ingress.floor, end)
         for p in self.projections:
             self._spawn(run_projection(self.event_log, p, progress=self.progress,
-                                       metrics=self.metrics, stop=self._projections_stop),
+                                       metrics=self.metrics, stop=self._projections_stop,
+                                       tail=self.tail),
                         f"projection:{p.name}")  # fmt: skip
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
         await self.queries.start(self.nc)

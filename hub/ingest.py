@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import nats.errors
 import nats.js.errors
@@ -35,6 +37,7 @@ from nats.js.api import (
 )
 
 from events.codec import encode_event
+from events.log import advance
 from events.model import (
     WATCH_KIND,
     Event,
@@ -67,13 +70,14 @@ from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.metrics import Metrics
 from hub.progress import Progress
+from hub.tail import LogTail
 
 log = structlog.get_logger(__name__)
 
 EXCERPT_BYTES = 256
 # Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats and
 # infrastructure check results (the bulk; a change they cause is announced as such).
-ANNOUNCED = tuple(t for t in WATCH_KIND if t not in (HeartbeatReceived, InfraChecked))
+ANNOUNCED = frozenset(t for t in WATCH_KIND if t not in (HeartbeatReceived, InfraChecked))
 
 
 def ingress_stream_config(config: HubConfig) -> StreamConfig:
@@ -184,6 +188,25 @@ def classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: f
     return to_event(msg, tenant=r.tenant, seq=seq, ts=ts)
 
 
+def ack_metadata(reply: str) -> tuple[int, float, int]:
+    """(stream sequence, timestamp, pending) of a JetStream message, from its reply
+    subject: what nats-py's ``Msg.metadata`` gives (the same timestamp, to the
+    microsecond), without building its objects for every message.
+
+    Raises:
+        ValueError: not a JetStream message's reply subject.
+    """
+    t = reply.split(".")
+    if t[:2] != ["$JS", "ACK"] or len(t) not in (9, 11, 12):
+        raise ValueError(f"not a JetStream reply subject: {reply!r}")
+    seq, ns, pending = (t[5], t[7], t[8]) if len(t) == 9 else (t[7], t[9], t[10])
+    return int(seq), datetime.fromtimestamp(int(ns) / 1e9, UTC).timestamp(), int(pending)
+
+
+# Counter names by event type (an f-string per message adds up).
+_COUNTERS = {t: f"ingress_{t.__name__}" for t in WATCH_KIND}
+
+
 class Ingest:
     """Consumes ``HUB_INGRESS`` durably in batches and records events in the log."""
 
@@ -197,8 +220,10 @@ class Ingest:
         metrics: Metrics,
         progress: Progress,
         clock: Callable[[], float] = time.time,
+        tail: LogTail | None = None,
     ) -> None:
         self._nc = nc
+        self._tail = tail
         self._js = nc.jetstream()
         self._log = event_log
         self.state = state
@@ -256,20 +281,41 @@ class Ingest:
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self._js.pull_subscribe_bind(INGRESS_CONSUMER, stream=INGRESS_STREAM)
         tick_s = self._config.tick_s
-        while not stop.is_set():
+
+        async def fetch() -> list[Msg] | None:
+            """The next batch; [] when nothing came within tick_s; None: connection closed."""
             try:
-                msgs = await sub.fetch(self._config.ingest_batch, timeout=tick_s)
+                return await sub.fetch(self._config.ingest_batch, timeout=tick_s)
             except (TimeoutError, nats.errors.TimeoutError):
-                msgs = []
-                self._caught_up = self._nc.is_connected  # nothing waiting in ingress
+                return []
             except nats.errors.ConnectionClosedError:
-                return
-            if msgs:
-                await self.process(msgs)
-            if self._internal:
-                await self.process_internal()
-            if self._clock() - self._last_tick >= tick_s:
-                await self.run_timers()
+                return None
+
+        # The next batch is fetched while this one is decided and recorded (one fetch
+        # at a time on the subscription, so batches still come in order). Stopping
+        # waits for the fetch in flight (at most tick_s) and records what it brought.
+        pending = asyncio.create_task(fetch())
+        try:
+            while True:
+                msgs = await pending
+                if msgs is None:
+                    return
+                last_round = stop.is_set()
+                if not last_round:
+                    pending = asyncio.create_task(fetch())
+                if msgs:
+                    await self.process(msgs)
+                else:
+                    self._caught_up = self._nc.is_connected  # nothing waiting in ingress
+                if last_round:
+                    return
+                if self._internal:
+                    await self.process_internal()
+                if self._clock() - self._last_tick >= tick_s:
+                    await self.run_timers()
+        finally:
+            if not pending.done():  # cancelled: what it fetches comes again (unacked)
+                pending.cancel()
 
     def submit(self, candidate: Event) -> None:
         """Queue a candidate event from inside the hub (an infrastructure check result);
@@ -314,34 +360,34 @@ class Ingest:
         recorded: list[Event] = []
         dead: list[Rejection] = []
         max_seq = 0
+        counts: Counter[str] = Counter()
+        seq = pending = 0
+        ts = now
         for msg in msgs:
-            md = msg.metadata
-            seq = md.sequence.stream
+            seq, ts, pending = ack_metadata(msg.reply)
             max_seq = max(max_seq, seq)
             if self.state.ingress.seen(seq):
-                self._metrics.inc("ingress_redelivered_skipped")
+                counts["ingress_redelivered_skipped"] += 1
                 continue
-            candidate = classify(self._config, msg.subject, msg.data or b"", seq=seq,
-                                 ts=md.timestamp.timestamp())  # fmt: skip
+            candidate = classify(self._config, msg.subject, msg.data or b"", seq=seq, ts=ts)
             self.state, events = react(self.state, candidate, now)
             for e in events:
-                if isinstance(e, InputRejected):
+                if type(e) is InputRejected:
                     dead.append(Rejection(e, msg.data or b""))
-                    self._metrics.inc("ingress_rejected")
-                    self._metrics.inc(f"ingress_rejected:{e.reason_code}")
+                    counts["ingress_rejected"] += 1
+                    counts[f"ingress_rejected:{e.reason_code}"] += 1
                 else:
-                    self._metrics.inc(f"ingress_{type(e).__name__}")
+                    counts[_COUNTERS.get(type(e)) or f"ingress_{type(e).__name__}"] += 1
             recorded.extend(events)
+        for name, n in counts.items():
+            self._metrics.inc(name, n)
         positions = await self._record(recorded, dead)
         await self._announce(recorded)
         for msg in msgs:
             await msg.ack()
-        last = msgs[-1].metadata
         # Caught up: nothing left in ingress, or what is left is recent (lease
         # decisions need the hub to have seen the latest heartbeats).
-        self._caught_up = last.num_pending == 0 or (
-            now - last.timestamp.timestamp() < self.state.policy.max_lag_s
-        )
+        self._caught_up = pending == 0 or now - ts < self.state.policy.max_lag_s
         self._batches += 1
         if self.state.ingress.above and (
             self._batches % 50 == 0 or len(self.state.ingress.above) > 10_000
@@ -367,9 +413,11 @@ class Ingest:
             try:
                 for d in dead:
                     await self._dead_letter(d)
-                positions = await self._log.append(recorded)
+                records = await self._log.append(recorded)
                 self._metrics.inc("events_appended", len(recorded))
-                return positions
+                if self._tail is not None:
+                    self._tail.publish(records)
+                return advance({}, records)
             except Exception as exc:  # the log or NATS is down: wait, keep the decisions
                 log.warning("append_failed_retrying", error=repr(exc), events=len(recorded))
                 self._metrics.inc("append_retries")
@@ -396,6 +444,6 @@ class Ingest:
     async def _announce(self, recorded: list[Event]) -> None:
         """Push recorded events to watchers (core NATS, at most once)."""
         for e in recorded:
-            if isinstance(e, ANNOUNCED):
+            if type(e) in ANNOUNCED:
                 await self._nc.publish(watch_subject(e.tenant, WATCH_KIND[type(e)]),
                                        encode_event(e))  # fmt: skip

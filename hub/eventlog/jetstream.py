@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 import nats.errors
 import nats.js.errors
@@ -21,7 +23,7 @@ from nats.js.api import (
 
 from events.codec import decode_event, encode_event
 from events.log import LogRecord, Positions
-from events.model import Event, compaction_key
+from events.model import AnyEvent, Event, compaction_key
 
 log = structlog.get_logger(__name__)
 
@@ -36,8 +38,14 @@ def subject_of(event: Event) -> str:
     subject = f"{SUBJECT_PREFIX}.{event.tenant}.{type(event).__name__}"
     key = compaction_key(event)
     if key is not None:
-        subject += "." + hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
+        subject += "." + _digest(key)
     return subject
+
+
+@functools.lru_cache(maxsize=65_536)
+def _digest(key: str) -> str:
+    """The subject token of a compaction key (hashed once per instance, not per event)."""
+    return hashlib.blake2b(key.encode(), digest_size=12).hexdigest()
 
 
 class JetStreamEventLog:
@@ -59,6 +67,9 @@ class JetStreamEventLog:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
+        # The stream's last sequence after this writer's last append; None: unknown
+        # (the next append acknowledges each message and reads it again).
+        self._last_seq: int | None = None
 
     async def start(self) -> None:
         config = StreamConfig(
@@ -77,18 +88,46 @@ class JetStreamEventLog:
     async def close(self) -> None:
         return None
 
-    async def append(self, events: Sequence[Event]) -> Positions:
-        futures = []
-        for event in events:
-            headers = {"Nats-Msg-Id": event.event_id}
-            if compaction_key(event) is not None:
-                headers["Nats-Rollup"] = "sub"
-            data = encode_event(event)
-            futures.append(await self._js.publish_async(subject_of(event), data, headers=headers))
-        if not futures:
-            return {}
+    async def append(self, events: Sequence[Event]) -> list[LogRecord]:
+        """Append ``events`` in order; returns them with the sequence each was stored at.
+
+        The hub is the log's single writer, so a batch is sent as plain publishes and
+        only its last message waits for a PubAck: the stream stores one connection's
+        messages in order, so if that ack's sequence is exactly the previous last
+        sequence + ``len(events)`` (and not a duplicate), every message was stored, in
+        order, at consecutive sequences. Anything else (a refused or duplicate
+        message, another writer, the first append) falls back to acknowledging each
+        message: duplicates (``Nats-Msg-Id``) then report where they were stored, and a
+        refusal raises, so the caller retries the batch.
+        """
+        if not events:
+            return []
+        msgs = [(subject_of(e), encode_event(e), self._headers(e)) for e in events]
+        last = self._last_seq
+        if last is not None:
+            publish = self._nc.publish
+            for subject, data, headers in msgs[:-1]:
+                await publish(subject, data, headers=headers)
+            subject, data, headers = msgs[-1]
+            ack = await self._js.publish(subject, data, headers=headers)
+            if not ack.duplicate and ack.seq == last + len(msgs):
+                self._last_seq = ack.seq
+                return [LogRecord(0, last + 1 + i, cast(AnyEvent, e)) for i, e in enumerate(events)]
+            log.info("jetstream_append_rechecked", expected=last + len(msgs), got=ack.seq,
+                     duplicate=bool(ack.duplicate), events=len(msgs))  # fmt: skip
+        self._last_seq = None
+        futures = [await self._js.publish_async(subject, data, headers=headers)
+                   for subject, data, headers in msgs]  # fmt: skip
         acks = await asyncio.gather(*futures)
-        return {0: max(a.seq for a in acks) + 1}
+        self._last_seq = (await self._js.stream_info(self.stream)).state.last_seq
+        return [LogRecord(0, a.seq, cast(AnyEvent, e)) for a, e in zip(acks, events, strict=True)]
+
+    @staticmethod
+    def _headers(event: Event) -> dict[str, str]:
+        headers = {"Nats-Msg-Id": event.event_id}
+        if compaction_key(event) is not None:
+            headers["Nats-Rollup"] = "sub"
+        return headers
 
     async def end_positions(self) -> Positions:
         info = await self._js.stream_info(self.stream)

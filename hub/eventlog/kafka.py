@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -31,7 +32,7 @@ from aiokafka.partitioner import murmur2
 
 from events.codec import decode_event, encode_event
 from events.log import LogRecord, Positions
-from events.model import Event, compaction_key, partition_key
+from events.model import AnyEvent, Event, compaction_key, partition_key
 
 log = structlog.get_logger(__name__)
 
@@ -136,9 +137,9 @@ class KafkaEventLog:
             await self._producer.stop()
             self._producer = None
 
-    async def append(self, events: Sequence[Event]) -> Positions:
+    async def append(self, events: Sequence[Event]) -> list[LogRecord]:
         if not events:
-            return {}
+            return []
         if self._producer is None:
             raise RuntimeError("KafkaEventLog: append on a read-only log, or before start()")
         async with self._lock:
@@ -153,12 +154,11 @@ class KafkaEventLog:
                     )
                     for e in events
                 ]
-            positions: Positions = {}
-            for fut in futures:
+            out = []
+            for fut, e in zip(futures, events, strict=True):
                 md = await fut
-                if md.offset + 1 > positions.get(md.partition, 0):
-                    positions[md.partition] = md.offset + 1
-            return positions
+                out.append(LogRecord(md.partition, md.offset, cast(AnyEvent, e)))
+            return out
 
     def partition_of(self, event: Event) -> int:
         """The partition of ``event``: by its instance, as Kafka's default partitioner

@@ -21,8 +21,8 @@ class EventLog(Protocol):
 
     async def close(self) -> None: ...
 
-    async def append(self, events: Sequence[Event]) -> Positions:
-        """Append events in order; returns the next position of each partition written.
+    async def append(self, events: Sequence[Event]) -> list[LogRecord]:
+        """Append events in order; returns them as records, with where each was stored.
 
         Either all events are durably in the log when this returns, or it raises
         and (Kafka: the transaction aborted) none are visible to readers.

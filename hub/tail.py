@@ -1,0 +1,112 @@
+"""The log's live tail, in process: what the ingest loop appends, handed to the projectors.
+
+The hub is the event log's single writer, so it knows every record it appended
+and where (``EventLog.append`` returns them with their positions). A projector
+that has caught up with the log takes the records from here instead of reading
+them back from the log, which saves a log round trip and a decode per record per
+view. The log stays the source of truth: a projector starts, and falls back
+after any trouble, by reading the log from its own checkpoint.
+
+Joining without a gap: a subscription buffers every batch appended after it was
+made and remembers ``start``, the positions appended so far at that moment. Its
+projector reads the log until its checkpoint covers ``start``, then applies the
+buffer (records it already has are skipped by their positions, as always). A
+subscription holds at most ``limit`` records; one that falls further behind is
+dropped (``TailOverflow``) and its projector goes back to reading the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Sequence
+
+from events.log import LogRecord, Positions, advance, merge_max
+
+
+class TailOverflow(Exception):
+    """The projector fell more than the subscription's limit behind the writer."""
+
+
+class LogTail:
+    """Fan-out of appended records to in-process subscribers."""
+
+    def __init__(self, *, limit: int = 100_000) -> None:
+        self.appended: Positions = {}
+        self.limit = limit
+        self._subs: set[TailSubscription] = set()
+
+    def reset(self, positions: Positions) -> None:
+        """The log's end as read at start-up (before anything is appended)."""
+        merge_max(self.appended, positions)
+
+    def publish(self, records: Sequence[LogRecord]) -> None:
+        """Records just appended, in append order, with their positions."""
+        if not records:
+            return
+        merge_max(self.appended, advance({}, records))
+        batch = list(records)
+        for sub in self._subs:
+            sub.put(batch)
+
+    def subscribe(self) -> TailSubscription:
+        sub = TailSubscription(self, dict(self.appended), self.limit)
+        self._subs.add(sub)
+        return sub
+
+    def _drop(self, sub: TailSubscription) -> None:
+        self._subs.discard(sub)
+
+
+class TailSubscription:
+    """Every batch appended since ``start``, until closed or overflowed."""
+
+    def __init__(self, tail: LogTail, start: Positions, limit: int) -> None:
+        self.start = start
+        self._tail = tail
+        self._limit = limit
+        self._batches: deque[list[LogRecord]] = deque()
+        self._count = 0
+        self._ready = asyncio.Event()
+        self.overflowed = False
+
+    def put(self, batch: list[LogRecord]) -> None:
+        if self.overflowed:
+            return
+        if self._count + len(batch) > self._limit:
+            self.overflowed = True
+            self._batches.clear()
+            self._count = 0
+            self._tail._drop(self)
+        else:
+            self._batches.append(batch)
+            self._count += len(batch)
+        self._ready.set()
+
+    async def get(self, max_records: int, timeout: float) -> list[LogRecord]:
+        """The buffered records (whole batches, about ``max_records`` at most; at least
+        one batch); empty after ``timeout`` seconds without any.
+
+        Raises:
+            TailOverflow: the buffer overflowed; what it held is gone.
+        """
+        if not self._batches and not self.overflowed:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+            except TimeoutError:
+                return []
+        if self.overflowed:
+            raise TailOverflow(f"more than {self._limit:,} records behind the writer")
+        out: list[LogRecord] = []
+        while self._batches and (not out or len(out) + len(self._batches[0]) <= max_records):
+            out.extend(self._batches.popleft())
+        self._count -= len(out)
+        if not self._batches:
+            self._ready.clear()
+        return out
+
+    def close(self) -> None:
+        self._tail._drop(self)
+        self._batches.clear()
+        self._count = 0
