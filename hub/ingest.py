@@ -414,15 +414,16 @@ class Ingest:
                 for d in dead:
                     await self._dead_letter(d)
                 records = await self._log.append(recorded)
-                self._metrics.inc("events_appended", len(recorded))
-                if self._tail is not None:
-                    self._tail.publish(records)
-                return advance({}, records)
+                break
             except Exception as exc:  # the log or NATS is down: wait, keep the decisions
                 log.warning("append_failed_retrying", error=repr(exc), events=len(recorded))
                 self._metrics.inc("append_retries")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        self._metrics.inc("events_appended", len(recorded))
+        if self._tail is not None:
+            self._tail.publish(records)
+        return advance({}, records)
 
     async def _dead_letter(self, d: Rejection) -> None:
         e = d.event

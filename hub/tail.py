@@ -46,7 +46,7 @@ class LogTail:
             return
         merge_max(self.appended, advance({}, records))
         batch = list(records)
-        for sub in self._subs:
+        for sub in list(self._subs):  # an overflowing one leaves the set
             sub.put(batch)
 
     def subscribe(self) -> TailSubscription:
