@@ -61,7 +61,9 @@ def unseen(records: Sequence[LogRecord], checkpoint: Positions) -> list[LogRecor
 def advance(checkpoint: Positions, records: Sequence[LogRecord]) -> Positions:
     """The checkpoint after applying ``records``."""
     new = dict(checkpoint)
+    get = new.get
     for r in records:
-        if r.position + 1 > new.get(r.partition, 0):
-            new[r.partition] = r.position + 1
+        n = r.position + 1
+        if n > get(r.partition, 0):
+            new[r.partition] = n
     return new

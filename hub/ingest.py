@@ -421,9 +421,10 @@ class Ingest:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._metrics.inc("events_appended", len(recorded))
+        positions = advance({}, records)
         if self._tail is not None:
-            self._tail.publish(records)
-        return advance({}, records)
+            self._tail.publish(records, positions)
+        return positions
 
     async def _dead_letter(self, d: Rejection) -> None:
         e = d.event

@@ -40,11 +40,12 @@ class LogTail:
         """The log's end as read at start-up (before anything is appended)."""
         merge_max(self.appended, positions)
 
-    def publish(self, records: Sequence[LogRecord]) -> None:
-        """Records just appended, in append order, with their positions."""
+    def publish(self, records: Sequence[LogRecord], positions: Positions | None = None) -> None:
+        """Records just appended, in append order, with their positions (``positions``:
+        ``advance({}, records)`` if the caller has it already)."""
         if not records:
             return
-        merge_max(self.appended, advance({}, records))
+        merge_max(self.appended, advance({}, records) if positions is None else positions)
         batch = list(records)
         for sub in list(self._subs):  # an overflowing one leaves the set
             sub.put(batch)

@@ -277,7 +277,8 @@ class PostgresRegistryProjection:
             changed, beats = [], []
             for k in touched:
                 inst = state.instances.get(k)
-                written[k] = inst
+                if inst is None or cached.get(k) is not inst:
+                    written[k] = inst
                 if inst is None:
                     continue
                 if k in cached and k not in not_only_heartbeats:

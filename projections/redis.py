@@ -329,8 +329,7 @@ class RedisRegistryProjection:
                 if "load" in old and "load" not in hb:
                     writes.append(cmd("hdel", instance_key(*k), "load"))
                     del old["load"]
-                written[k] = (inst, old)
-                continue
+                continue  # the cached entry, updated in place
             rendered = redis_instance_hash(inst) if inst is not None and inst.live else None
             writes.extend(_hash_diff(instance_key(*k), before.get(k, {}), rendered))
             written[k] = (inst, rendered) if inst is not None and rendered is not None else None

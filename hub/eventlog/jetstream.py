@@ -31,15 +31,20 @@ STREAM = "HUB_EVENTS"
 SUBJECT_PREFIX = "hub.log"
 
 
-def subject_of(event: Event) -> str:
-    """``hub.log.<tenant>.<type>``; a heartbeat gets a subject of its own instance
-    (``hub.log.<tenant>.HeartbeatReceived.<digest of the instance>``) so that it can
-    roll up, i.e. replace, that instance's previous heartbeat."""
-    subject = f"{SUBJECT_PREFIX}.{event.tenant}.{type(event).__name__}"
+def _message(event: Event) -> tuple[str, bytes, dict[str, str]]:
+    """Subject, payload and headers of an event's message.
+
+    The subject is ``hub.log.<tenant>.<type>``; a heartbeat gets a subject of its own
+    instance (``hub.log.<tenant>.HeartbeatReceived.<digest of the instance>``) and
+    ``Nats-Rollup: sub``, so that it replaces that instance's previous heartbeat.
+    ``Nats-Msg-Id`` lets the stream drop a duplicate append.
+    """
     key = compaction_key(event)
-    if key is not None:
-        subject += "." + _digest(key)
-    return subject
+    subject = f"{SUBJECT_PREFIX}.{event.tenant}.{type(event).__name__}"
+    if key is None:
+        return subject, encode_event(event), {"Nats-Msg-Id": event.event_id}
+    return (f"{subject}.{_digest(key)}", encode_event(event),
+            {"Nats-Msg-Id": event.event_id, "Nats-Rollup": "sub"})  # fmt: skip
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -102,7 +107,7 @@ class JetStreamEventLog:
         """
         if not events:
             return []
-        msgs = [(subject_of(e), encode_event(e), self._headers(e)) for e in events]
+        msgs = [_message(e) for e in events]
         last = self._last_seq
         if last is not None:
             publish = self._nc.publish
@@ -121,13 +126,6 @@ class JetStreamEventLog:
         acks = await asyncio.gather(*futures)
         self._last_seq = (await self._js.stream_info(self.stream)).state.last_seq
         return [LogRecord(0, a.seq, cast(AnyEvent, e)) for a, e in zip(acks, events, strict=True)]
-
-    @staticmethod
-    def _headers(event: Event) -> dict[str, str]:
-        headers = {"Nats-Msg-Id": event.event_id}
-        if compaction_key(event) is not None:
-            headers["Nats-Rollup"] = "sub"
-        return headers
 
     async def end_positions(self) -> Positions:
         info = await self._js.stream_info(self.stream)
