@@ -20,7 +20,7 @@ from hub.config import HubConfig
 from hub.eventlog.jetstream import JetStreamEventLog
 from hub.eventlog.kafka import KafkaEventLog
 from hub.eventlog.port import EventLog
-from hub.gcpause import gc_paused
+from hub.gcpause import gc_paused, tune_for_serving
 from hub.infra.monitor import InfraMonitor, monitored
 from hub.ingest import Ingest, ingress_first_seq
 from hub.metrics import Metrics
@@ -131,13 +131,16 @@ class Hub:
         self.event_log = make_event_log(c, self.nc)
         await self.event_log.start()
         self.projections = [
-            PostgresRegistryProjection(self.pool, journal_days=c.infra_history_days),
-            RedisRegistryProjection(self.redis),
+            PostgresRegistryProjection(
+                self.pool, journal_days=c.infra_history_days, cache=c.view_cache
+            ),
+            RedisRegistryProjection(self.redis, cache=c.view_cache),
         ]
         for p in self.projections:
             await p.setup()
         first_seq = await ingress_first_seq(self.nc)
         state, end = await rebuild_state(self.event_log, c.liveness, ingress_first_seq=first_seq)
+        tune_for_serving()
         self.tail.reset(end)
         self.ingest = Ingest(self.nc, self.event_log, state, c, metrics=self.metrics,
                              progress=self.progress, clock=self.clock, tail=self.tail)  # fmt: skip

@@ -44,6 +44,8 @@ ENV_VARS: dict[str, str] = {
     "HUB_INFRA_SELF": "'1' (default) to also monitor the hub's own servers, '0' not to",
     "HUB_INFRA_FAILURES": "consecutive failed checks that make a healthy component UNHEALTHY",
     "HUB_INFRA_HISTORY_DAYS": "days of raw check results kept in PostgreSQL infra_checks",
+    "HUB_VIEW_CACHE": "live instances each projection keeps in memory to fold batches "
+    "without reading them back (0: none)",
 }
 
 # Numeric settings read from the environment: variable -> (field, type, lower bound).
@@ -59,6 +61,7 @@ _NUMERIC: dict[str, tuple[str, type, float]] = {
     "HUB_TICK_S": ("tick_s", float, 0.01),
     "HUB_INFRA_FAILURES": ("infra_failures", int, 1),
     "HUB_INFRA_HISTORY_DAYS": ("infra_history_days", float, 0.0001),
+    "HUB_VIEW_CACHE": ("view_cache", int, 0),
 }
 
 
@@ -108,6 +111,7 @@ class HubConfig:
     infra_self: bool = True
     infra_failures: int = LivenessPolicy.infra_failures_to_trip
     infra_history_days: float = 7.0
+    view_cache: int = 50_000
 
     @property
     def liveness(self) -> LivenessPolicy:

@@ -23,3 +23,20 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_enabled:
             gc.enable()
+
+
+# Generation-0 threshold while serving (CPython's default is 700): the ingest loop and
+# the projections allocate and free a few dozen objects per message, nearly all freed
+# by reference counting, so at the default the collector ran ~60 times a second over a
+# large live heap. Measured by bench/ingest: 5 % of the hub's time, 0.2 % with this.
+SERVING_GEN0 = 50_000
+
+
+def tune_for_serving() -> None:
+    """After start-up: move what exists now (the folded state, the connections) out of
+    the collector's sight for good (``gc.freeze``: it is long-lived, so rescanning it
+    only costs), and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(SERVING_GEN0, max(gen1, 20), max(gen2, 100))

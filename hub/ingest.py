@@ -15,11 +15,11 @@ one state and recorded in the order they were taken.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import nats.errors
 import nats.js.errors
@@ -200,7 +200,14 @@ def ack_metadata(reply: str) -> tuple[int, float, int]:
     if t[:2] != ["$JS", "ACK"] or len(t) not in (9, 11, 12):
         raise ValueError(f"not a JetStream reply subject: {reply!r}")
     seq, ns, pending = (t[5], t[7], t[8]) if len(t) == 9 else (t[7], t[9], t[10])
-    return int(seq), datetime.fromtimestamp(int(ns) / 1e9, UTC).timestamp(), int(pending)
+    # datetime.fromtimestamp(s).timestamp() without the objects: whole seconds plus
+    # microseconds rounded half to even, carried into the seconds at 1e6.
+    frac, whole = math.modf(int(ns) / 1e9)
+    micros = round(frac * 1e6)
+    if micros >= 1_000_000:
+        micros -= 1_000_000
+        whole += 1.0
+    return int(seq), (int(whole) * 1_000_000 + micros) / 1_000_000, int(pending)
 
 
 # Counter names by event type (an f-string per message adds up).

@@ -2,10 +2,12 @@
 ``health_history``) and of the infrastructure (``infra_status``, ``infra_history``,
 ``infra_config``; plus the ``infra_checks`` journal).
 
-A batch is applied by folding its events over the rows they touch (read in one
-query) with the same pure ``evolve`` as the hub, then writing each changed row
-once (multi-row upsert) — many heartbeats of one instance become one write, and
-the result is by construction what applying the events one by one gives.
+A batch is applied by folding its events over the rows they touch (from the
+projection's cache of what it last wrote, else read in one query) with the same
+pure ``evolve`` as the hub, then writing each changed row once (multi-row upsert;
+rows that only got heartbeats: one multi-row UPDATE of the heartbeat columns) —
+many heartbeats of one instance become one write, and the result is by
+construction what applying the events one by one gives.
 Rows and the checkpoint are written in one transaction; records the checkpoint
 already covers are skipped.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, get_args
 
 import asyncpg
 
@@ -156,6 +158,8 @@ JOURNAL = "infra_checks"
 
 
 _INFRA_TYPES = frozenset(INFRA_EVENTS)
+_INSTANCE_TYPES = frozenset(get_args(InstanceEvent))
+_HEALTH_TYPES = frozenset(HEALTH_EVENTS)
 
 
 class PostgresRegistryProjection:
@@ -242,19 +246,22 @@ class PostgresRegistryProjection:
     ) -> dict[InstanceKey, Instance | None]:
         """Fold the batch over the rows it touches and write them; returns each touched
         instance as written (None: not in the table)."""
-        touched: set[InstanceKey] = set()
+        touched: dict[InstanceKey, None] = {}  # in log order
         not_only_heartbeats: set[InstanceKey] = set()
         rejections: list[InputRejected] = []
         history: list[Event] = []
         for r in todo:
             e = r.event
-            if isinstance(e, InstanceEvent):
-                touched.add(key_of(e))
-                if not isinstance(e, HeartbeatReceived):
-                    not_only_heartbeats.add(key_of(e))
+            if isinstance(e, HeartbeatReceived):  # the bulk, first
+                touched[(e.tenant, e.service_name, e.instance_id)] = None
+                continue
+            if type(e) in _INSTANCE_TYPES:
+                k = key_of(e)  # type: ignore[arg-type]
+                touched[k] = None
+                not_only_heartbeats.add(k)
             if isinstance(e, InputRejected):
                 rejections.append(e)
-            elif isinstance(e, HEALTH_EVENTS):
+            elif type(e) in _HEALTH_TYPES:
                 history.append(e)
         written: dict[InstanceKey, Instance | None] = {}
         if touched:

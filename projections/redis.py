@@ -13,17 +13,19 @@ Keys (``<t>`` = tenant):
 * ``hub:_infra:config``                 HASH configuration digest, service_dependencies
 * ``hub:_meta:checkpoint:<projection>`` HASH partition -> next position
 
-A batch is folded over the instances it touches (read in one pipeline) with the
-same pure ``evolve`` as the hub; each touched key is then written once. Effects
-and checkpoint go in one MULTI/EXEC guarded by WATCH on the checkpoint key, so
-a second writer of the same projection makes this one retry, never double-apply.
+A batch is folded over the instances it touches (from the projection's cache of
+what it last wrote, else read in one pipeline) with the same pure ``evolve`` as
+the hub; each touched key is then written once, only the fields that changed.
+Effects and checkpoint go in one Lua script (APPLY_BATCH) that first checks the
+checkpoint is still the one the batch was planned on, so a second writer of the
+same projection makes this one plan again, never double-apply.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import redis.asyncio as aioredis
@@ -187,6 +189,8 @@ def _hash_diff(key: str, before: dict[str, str], after: dict[str, str] | None) -
 
 
 _INFRA_TYPES = frozenset(INFRA_EVENTS)
+_INSTANCE_TYPES = frozenset(get_args(InstanceEvent))
+_MEMBERSHIP_TYPES = frozenset(MEMBERSHIP_EVENTS)
 
 
 class RedisRegistryProjection:
@@ -265,18 +269,26 @@ class RedisRegistryProjection:
     ) -> tuple[list[Write], dict[InstanceKey, tuple[Instance, dict[str, str]] | None]]:
         """Fold the batch over the keys it touches; the commands that write the result,
         and each touched instance as written (None: not in the live view)."""
-        touched: set[InstanceKey] = set()
+        touched: dict[InstanceKey, None] = {}  # in log order
         not_only_heartbeats: set[InstanceKey] = set()
+        services: dict[tuple[str, str], None] = {}
         stats: Counter[tuple[str, str]] = Counter()
         tenants: set[str] = set()
         preservation: dict[str, SelfPreservationStarted | None] = {}
         for r in todo:
             e = r.event
-            if isinstance(e, InstanceEvent):
-                touched.add(key_of(e))
-                if not isinstance(e, HeartbeatReceived):
-                    not_only_heartbeats.add(key_of(e))
-                if isinstance(e, ServiceRegistered):
+            kind = type(e)
+            if isinstance(e, HeartbeatReceived):  # the bulk, first
+                touched[(e.tenant, e.service_name, e.instance_id)] = None
+            elif kind in _INSTANCE_TYPES:
+                k = key_of(e)  # type: ignore[arg-type]
+                touched[k] = None
+                not_only_heartbeats.add(k)
+                if kind in _MEMBERSHIP_TYPES:
+                    # Only these events can make an instance enter or leave the live
+                    # view, so only their services' member sets are read and written.
+                    services[k[:2]] = None
+                if kind is ServiceRegistered:
                     tenants.add(e.tenant)
             elif isinstance(e, InputRejected):
                 stats[(e.tenant, "rejected")] += 1
@@ -285,11 +297,7 @@ class RedisRegistryProjection:
                 preservation[e.tenant] = e
             elif isinstance(e, SelfPreservationEnded):
                 preservation[e.tenant] = None
-        keys = sorted(touched)
-        # Only these events can make an instance enter or leave the live view, so only
-        # their services' member sets are read and written (heartbeats never are).
-        services = sorted({(e.tenant, e.service_name) for r in todo
-                           if isinstance(e := r.event, MEMBERSHIP_EVENTS)})  # fmt: skip
+        keys = list(touched)
         state = RegistryState()
         before: dict[InstanceKey, dict[str, str]] = {}
         cached = self._cache.entries
@@ -324,7 +332,8 @@ class RedisRegistryProjection:
                 old = before[k]
                 changed = {f: v for f, v in hb.items() if old.get(f) != v}
                 if changed:
-                    writes.append(cmd("hset", instance_key(*k), mapping=changed))
+                    writes.append(("HSET", instance_key(*k),
+                                   [x for fv in changed.items() for x in fv]))  # fmt: skip
                     old.update(changed)
                 if "load" in old and "load" not in hb:
                     writes.append(cmd("hdel", instance_key(*k), "load"))
