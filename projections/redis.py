@@ -148,12 +148,30 @@ _encode_batch = msgspec.json.Encoder().encode
 UNPACK_AT_MOST = 1000  # Lua's unpack() takes at most a few thousand values
 
 
+# Writes without a checkpoint (the shadow keyspace of a rebuild): KEYS every key
+# written, ARGV[1] the JSON list of writes as in APPLY_BATCH.
+WRITE_BATCH = """
+for _, w in ipairs(cjson.decode(ARGV[1])) do
+  redis.call(w[1], KEYS[w[2]], unpack(w[3]))
+end
+return 1
+"""
+
+
 def batch_arguments(
     ckey: str, expected: Positions, new: Positions, writes: Sequence[Write]
 ) -> tuple[list[str], bytes]:
     """KEYS and the one ARGV of APPLY_BATCH."""
-    keys = [ckey]
-    index: dict[str, int] = {ckey: 1}
+    keys, out = _indexed([ckey], writes)
+    pairs = [[str(x) for p, n in sorted(c.items()) for x in (p, n)] for c in (expected, new)]
+    return keys, _encode_batch([pairs[0], pairs[1], out])
+
+
+def _indexed(
+    keys: list[str], writes: Sequence[Write]
+) -> tuple[list[str], list[tuple[str, int, list[str]]]]:
+    """The writes with their keys as (1-based) indexes into ``keys``, which gets them."""
+    index = {k: i for i, k in enumerate(keys, 1)}
     out: list[tuple[str, int, list[str]]] = []
     for command, key, values in writes:
         i = index.get(key)
@@ -165,8 +183,7 @@ def batch_arguments(
         else:  # only variadic writes are ever long; an even part size keeps HSET pairs
             out += [(command, i, values[at : at + UNPACK_AT_MOST])
                     for at in range(0, len(values), UNPACK_AT_MOST)]  # fmt: skip
-    pairs = [[str(x) for p, n in sorted(c.items()) for x in (p, n)] for c in (expected, new)]
-    return keys, _encode_batch([pairs[0], pairs[1], out])
+    return keys, out
 
 
 MEMBERSHIP_EVENTS = (ServiceRegistered, ServiceDeregistered, InstanceExpired)
@@ -203,6 +220,7 @@ class RedisRegistryProjection:
         self.name = name
         self._cache: InstanceCache[tuple[Instance, dict[str, str]]] = InstanceCache(cache)
         self._apply_batch = client.register_script(APPLY_BATCH)
+        self._write_batch = client.register_script(WRITE_BATCH)
 
     async def setup(self) -> None:
         return None
@@ -445,13 +463,12 @@ class RedisRegistryProjection:
         if stale:
             await self._r.delete(*stale)
         expected = expected_redis(view, prefix=SHADOW)
-        async with self._r.pipeline(transaction=False) as pipe:
-            for key, value in expected.items():
-                if isinstance(value, dict):
-                    pipe.hset(key, mapping=dict(value.items()))
-                else:
-                    pipe.sadd(key, *sorted(value))
-            await pipe.execute()
+        writes = [cmd("hset", key, mapping=value) if isinstance(value, dict)
+                  else cmd("sadd", key, *sorted(value))
+                  for key, value in expected.items()]  # fmt: skip
+        for at in range(0, len(writes), 1000):  # one script per 1,000 keys
+            keys, out = _indexed([], writes[at : at + 1000])
+            await self._write_batch(keys=keys, args=[_encode_batch(out)])
         written = await self._read_keys(SHADOW)
         problems = differences(
             {k: canonical_redis(k, v, SHADOW) for k, v in expected.items()},
