@@ -121,6 +121,7 @@ def cmd(command: str, key: str, *args: Any, mapping: dict[str, Any] | None = Non
     return (_COMMANDS[command], key, flat)
 
 
+# Lua 5.1 (Redis, Valkey) has unpack(), Lua 5.4 (DragonflyDB) table.unpack().
 # Applies one batch atomically, if the checkpoint is still the one it was planned on.
 # KEYS[1] is the checkpoint hash, KEYS[2..] every key written (declared, as DragonflyDB
 # requires); ARGV[1] one JSON document (one argument, so the client encodes one value,
@@ -128,6 +129,7 @@ def cmd(command: str, key: str, *args: Any, mapping: dict[str, Any] | None = Non
 # a write being [command, index in KEYS, [arguments]]. Returns 0, having written
 # nothing, when the checkpoint moved.
 APPLY_BATCH = """
+local unpack = table.unpack or unpack
 local batch = cjson.decode(ARGV[1])
 local expected, new, writes = batch[1], batch[2], batch[3]
 local cur = redis.call('HGETALL', KEYS[1])
@@ -151,6 +153,7 @@ UNPACK_AT_MOST = 1000  # Lua's unpack() takes at most a few thousand values
 # Writes without a checkpoint (the shadow keyspace of a rebuild): KEYS every key
 # written, ARGV[1] the JSON list of writes as in APPLY_BATCH.
 WRITE_BATCH = """
+local unpack = table.unpack or unpack
 for _, w in ipairs(cjson.decode(ARGV[1])) do
   redis.call(w[1], KEYS[w[2]], unpack(w[3]))
 end
