@@ -430,7 +430,7 @@ class Ingest:
         self._metrics.inc("events_appended", len(recorded))
         positions = advance({}, records)
         if self._tail is not None:
-            self._tail.publish(records, positions)
+            self._tail.publish(records, positions, complete=self._log.exclusive)
         return positions
 
     async def _dead_letter(self, d: Rejection) -> None:

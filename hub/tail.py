@@ -25,7 +25,8 @@ from events.log import LogRecord, Positions, advance, merge_max
 
 
 class TailOverflow(Exception):
-    """The projector fell more than the subscription's limit behind the writer."""
+    """The projector fell more than the subscription's limit behind the writer, or the
+    tail could not vouch for what was appended: it must read the log."""
 
 
 class LogTail:
@@ -40,15 +41,26 @@ class LogTail:
         """The log's end as read at start-up (before anything is appended)."""
         merge_max(self.appended, positions)
 
-    def publish(self, records: Sequence[LogRecord], positions: Positions | None = None) -> None:
+    def publish(
+        self, records: Sequence[LogRecord], positions: Positions | None = None,
+        *, complete: bool = True,
+    ) -> None:  # fmt: skip
         """Records just appended, in append order, with their positions (``positions``:
-        ``advance({}, records)`` if the caller has it already)."""
+        ``advance({}, records)`` if the caller has it already).
+
+        ``complete=False``: something else may have been appended since the previous
+        records (another writer), which the tail cannot hand over; every subscriber is
+        sent back to the log (as on an overflow), which has it all.
+        """
         if not records:
             return
         merge_max(self.appended, advance({}, records) if positions is None else positions)
         batch = list(records)
         for sub in list(self._subs):  # an overflowing one leaves the set
-            sub.put(batch)
+            if complete:
+                sub.put(batch)
+            else:
+                sub.drop()
 
     def subscribe(self) -> TailSubscription:
         sub = TailSubscription(self, dict(self.appended), self.limit)
@@ -71,17 +83,22 @@ class TailSubscription:
         self._ready = asyncio.Event()
         self.overflowed = False
 
+    def drop(self) -> None:
+        """Give up: the subscriber must read the log again (``get`` raises)."""
+        self.overflowed = True
+        self._batches.clear()
+        self._count = 0
+        self._tail._drop(self)
+        self._ready.set()
+
     def put(self, batch: list[LogRecord]) -> None:
         if self.overflowed:
             return
         if self._count + len(batch) > self._limit:
-            self.overflowed = True
-            self._batches.clear()
-            self._count = 0
-            self._tail._drop(self)
-        else:
-            self._batches.append(batch)
-            self._count += len(batch)
+            self.drop()
+            return
+        self._batches.append(batch)
+        self._count += len(batch)
         self._ready.set()
 
     async def get(self, max_records: int, timeout: float) -> list[LogRecord]:

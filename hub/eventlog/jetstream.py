@@ -75,6 +75,7 @@ class JetStreamEventLog:
         # The stream's last sequence after this writer's last append; None: unknown
         # (the next append acknowledges each message and reads it again).
         self._last_seq: int | None = None
+        self.exclusive = False
 
     async def start(self) -> None:
         config = StreamConfig(
@@ -117,10 +118,12 @@ class JetStreamEventLog:
             ack = await self._js.publish(subject, data, headers=headers)
             if not ack.duplicate and ack.seq == last + len(msgs):
                 self._last_seq = ack.seq
+                self.exclusive = True
                 return [LogRecord(0, last + 1 + i, cast(AnyEvent, e)) for i, e in enumerate(events)]
             log.info("jetstream_append_rechecked", expected=last + len(msgs), got=ack.seq,
                      duplicate=bool(ack.duplicate), events=len(msgs))  # fmt: skip
         self._last_seq = None
+        self.exclusive = False  # something else may have been appended in between
         futures = [await self._js.publish_async(subject, data, headers=headers)
                    for subject, data, headers in msgs]  # fmt: skip
         acks = await asyncio.gather(*futures)

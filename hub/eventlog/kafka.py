@@ -55,6 +55,9 @@ class KafkaEventLog:
     """Events on a Kafka topic; partition = hash(tenant/service/instance)."""
 
     name = "kafka"
+    # The hub's transactional producer fences any other producer with its id; the
+    # topic has no other writer, so each append follows the previous one directly.
+    exclusive = True
 
     def __init__(
         self,

@@ -15,6 +15,9 @@ class EventLog(Protocol):
     """An append-only, partitioned, replayable log of events."""
 
     name: str
+    # Whether the last append's records follow this writer's previous ones with nothing
+    # else appended in between (False: unknown), which the log tail relies on.
+    exclusive: bool
 
     async def start(self) -> None:
         """Connect, and create the log (topic / stream) if it does not exist."""

@@ -115,7 +115,7 @@ async def test_a_projector_catches_up_joins_the_tail_and_survives_its_overflow(
     async def append(events: list[Event]) -> None:
         records = await log.append(events)
         everything.extend(records)
-        tail.publish(records)
+        tail.publish(records, complete=log.exclusive)  # as the ingest loop does
         await progress.appended(records[-1].event.ingress_seq, {0: records[-1].position + 1})
 
     async def applied_all() -> bool:
@@ -157,6 +157,22 @@ async def test_a_projector_catches_up_joins_the_tail_and_survives_its_overflow(
         await view_is_the_fold()
         assert metrics.get(f"projection_tail_overflows:{view.name}") == 1
         assert metrics.get(f"projection_tail_joined:{view.name}") == 2
+
+        # Another writer appends (out of the model, but not silently lost): the hub's
+        # next append notices, the tail cannot vouch for the gap, the projector reads
+        # the log again and the other writer's registration is in the view.
+        other = JetStreamEventLog(nc)
+        await other.start()
+        seq += 1
+        foreign = await other.append([registered(99, seq)])
+        everything.extend(foreign)
+        seq += 1
+        await append([heartbeat(1, seq)])
+        assert not log.exclusive
+        everything.sort(key=lambda r: r.position)
+        await eventually(applied_all, timeout=15)
+        await view_is_the_fold()
+        assert metrics.get(f"projection_tail_overflows:{view.name}") == 2
         assert metrics.get(f"projection_restarts:{view.name}") == 0
     finally:
         stop.set()
@@ -181,5 +197,9 @@ async def test_a_subscription_buffers_in_order_and_overflows_at_its_limit() -> N
         await sub.get(100, timeout=0.1)
     late = tail.subscribe()
     assert late.start == {0: 20}
+    tail.publish([LogRecord(0, 21, registered(1, 21))], complete=False)  # a gap at 20
+    with pytest.raises(TailOverflow):
+        await late.get(100, timeout=0.1)
+    assert tail.appended == {0: 22}
     sub.close()
     late.close()
