@@ -15,6 +15,7 @@ one state and recorded in the order they were taken.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections import Counter
@@ -170,9 +171,13 @@ def rejected(
     )  # fmt: skip
 
 
+# Routes are immutable and subjects few (a kind per tenant): parse each once.
+_route = functools.lru_cache(maxsize=4096)(route)
+
+
 def classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float) -> Event:
     """Turn one ingress message into its candidate event, or an InputRejected (pure)."""
-    r = route(subject)
+    r = _route(subject)
     if r.tenant_error is not None:
         return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
                         code="INVALID_TENANT", reason=r.tenant_error, payload=payload)  # fmt: skip
