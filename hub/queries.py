@@ -185,14 +185,18 @@ class QueryService:
         data, metadata = self._page(out, limit=q.limit, cursor=q.cursor)
         return Answer(data, q.correlation_id, metadata)
 
+    async def _live_service(self, tenant: str, name: str) -> list[dict[str, Any]]:
+        """The named service as read_services gives it; NOT_FOUND if it has no live
+        instance."""
+        services = await read_services(self._redis, tenant, name=name)
+        if not services:
+            raise QueryError("NOT_FOUND", f"no live service {name!r} in tenant {tenant!r}")
+        return services
+
     async def _service(self, tenant: str, payload: bytes) -> Answer:
         q = parse_query(payload, ServiceQuery)
         await self._await_seq(q.min_seq)
-        services = await read_services(self._redis, tenant, name=q.service_name)
-        if not services:
-            raise QueryError(
-                "NOT_FOUND", f"no live service {q.service_name!r} in tenant {tenant!r}"
-            )
+        services = await self._live_service(tenant, q.service_name)
         data, metadata = self._page(services, limit=q.limit, cursor=q.cursor)
         if not data:
             raise QueryError("NOT_FOUND", f"no instances after cursor {q.cursor!r}")
@@ -202,11 +206,7 @@ class QueryService:
         """Discovery: a service's instances, filtered; one of them with ``pick``."""
         q = parse_query(payload, InstancesQuery)
         await self._await_seq(q.min_seq)
-        services = await read_services(self._redis, tenant, name=q.service_name)
-        if not services:
-            raise QueryError(
-                "NOT_FOUND", f"no live service {q.service_name!r} in tenant {tenant!r}"
-            )
+        services = await self._live_service(tenant, q.service_name)
         found = [
             i for i in services[0]["instances"]
             if (q.version is None or i["version"] == q.version)

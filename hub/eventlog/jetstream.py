@@ -23,7 +23,7 @@ from nats.js.api import (
 
 from events.codec import decode_event, encode_event
 from events.log import LogRecord, Positions
-from events.model import AnyEvent, Event, HeartbeatReceived, compaction_key
+from events.model import AnyEvent, Event, compaction_key
 
 log = structlog.get_logger(__name__)
 
@@ -39,28 +39,12 @@ def _message(event: Event) -> tuple[str, bytes, dict[str, str]]:
     ``Nats-Rollup: sub``, so that it replaces that instance's previous heartbeat.
     ``Nats-Msg-Id`` lets the stream drop a duplicate append.
     """
-    if type(event) is HeartbeatReceived:  # the bulk: its subject is kept per instance
-        hb = (event.tenant, event.service_name, event.instance_id)
-        subject = _heartbeat_subjects.get(hb)
-        if subject is None:
-            if len(_heartbeat_subjects) >= 100_000:
-                _heartbeat_subjects.clear()
-            subject = _heartbeat_subjects[hb] = _subject(event)
-        return subject, encode_event(event), {"Nats-Msg-Id": event.event_id,
-                                               "Nats-Rollup": "sub"}  # fmt: skip
-    subject = _subject(event)
-    if compaction_key(event) is None:
-        return subject, encode_event(event), {"Nats-Msg-Id": event.event_id}
-    return subject, encode_event(event), {"Nats-Msg-Id": event.event_id, "Nats-Rollup": "sub"}
-
-
-_heartbeat_subjects: dict[tuple[str, str, str], str] = {}
-
-
-def _subject(event: Event) -> str:
     subject = f"{SUBJECT_PREFIX}.{event.tenant}.{type(event).__name__}"
     key = compaction_key(event)
-    return subject if key is None else f"{subject}.{_digest(key)}"
+    if key is None:
+        return subject, encode_event(event), {"Nats-Msg-Id": event.event_id}
+    return (f"{subject}.{_digest(key)}", encode_event(event),
+            {"Nats-Msg-Id": event.event_id, "Nats-Rollup": "sub"})  # fmt: skip
 
 
 @functools.lru_cache(maxsize=65_536)
