@@ -9,9 +9,10 @@ Run from the project root::
     .venv/bin/python -m bench.ingest --profile              # plus cProfile of the hub's phase
 
 It starts the embedded stack (NATS+JetStream, PostgreSQL, Valkey; Kafka with ``--log kafka``)
-and a hub in this process, registers ``--instances`` instances and waits until the Redis view
-holds them all. Then the hub is stopped (its ingress stream keeps what is published meanwhile)
-and, per round:
+and a hub in this process (whose views' projectors run in the child process the hub starts,
+``hub.views_process``, as in production), registers ``--instances`` instances and waits until
+the Redis view holds them all. Then the hub is stopped (its ingress stream keeps what is
+published meanwhile) and, per round:
 
 * **raw** (the limit of the layer below, same run): ``--heartbeats`` messages of the same
   shape and size are published to a separate stream (``BENCH_RAW`` on ``bench.raw.heartbeat``,
@@ -41,6 +42,7 @@ import cProfile
 import dataclasses
 import io
 import logging
+import os
 import pstats
 import statistics
 import sys
@@ -205,6 +207,7 @@ class HubRun:
     visible_s: float  # start() returned -> Redis view reflects the last heartbeat
     postgres_s: float  # start() returned -> PostgreSQL view reflects it too
     cpu_share: float  # this process's CPU time / wall time while ingesting (1.0 = one core)
+    views_cpu_share: float  # the same for the hub's views process (hub.views_process)
     done_at_start: int  # heartbeats already recorded when start() returned
     counters: dict[str, int]
     problems: list[str]
@@ -235,6 +238,8 @@ async def hub_phase(
         t0 = time.perf_counter()
         await hub.start()
         t1, c1 = time.perf_counter(), time.process_time()
+        views_pid = hub.views.pid if hub.views is not None else None
+        v1 = process_cpu(views_pid)
         done_at_start = hub.metrics.get("ingress_HeartbeatReceived")
         if not await hub.progress.wait(REDIS_VIEW, last, timeout=timeout):
             raise RuntimeError(
@@ -242,6 +247,7 @@ async def hub_phase(
                 f"({hub.metrics.get('ingress_HeartbeatReceived'):,}/{n:,} ingested)"
             )
         t2, c2 = time.perf_counter(), time.process_time()
+        v2 = process_cpu(views_pid)
         if prof is not None:
             prof.disable()
         pg_ok = await hub.progress.wait(POSTGRES_VIEW, last, timeout=timeout)
@@ -266,7 +272,21 @@ async def hub_phase(
     if stale := await stale_last_seen(r, min(n, n_instances), since):
         problems.append(f"{stale:,} instances' Redis last_seen is before this phase")
     cpu = (c2 - c1) / (t2 - t1)
-    return HubRun(t1 - t0, t_log - t1, t2 - t1, t3 - t1, cpu, done_at_start, counters, problems)
+    views_cpu = (v2 - v1) / (t2 - t1)
+    return HubRun(t1 - t0, t_log - t1, t2 - t1, t3 - t1, cpu, views_cpu, done_at_start, counters,
+                  problems)  # fmt: skip
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) of another process so far (Linux /proc; 0 if unknown)."""
+    if pid is None:
+        return 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _when_recorded(hub: Hub, last: int) -> float:
@@ -282,11 +302,7 @@ PARTS = (
     ("ingest loop: Ingest.process (decide, append, ack)", "hub/ingest.py", "process"),
     ("  of which the event log append", "hub/eventlog/jetstream.py", "append"),
     ("  of which the event log append", "hub/eventlog/kafka.py", "append"),
-    ("event log reads for the projections (decode incl.)", "hub/eventlog/jetstream.py", "read"),
-    ("event log reads for the projections (decode incl.)", "hub/eventlog/kafka.py", "read"),
-    ("Redis projection apply", "projections/redis.py", "apply"),
-    ("  of which _plan (read + fold)", "projections/redis.py", "_plan"),
-    ("PostgreSQL projection apply", "projections/postgres.py", "apply"),
+    ("  of which handing the appends to the views process", "hub/views_process.py", "forward"),
     ("nats-py read loop (parse, dispatch)", "nats/aio/client.py", "_read_loop"),
 )
 
@@ -368,7 +384,8 @@ async def bench(args: argparse.Namespace, stack: EmbeddedStack) -> int:
                 f"{total:.2f} s = {n / total:,.0f} hb/s\n"
                 f"          of which: recorded in the event log after {run.recorded_s:.2f} s "
                 f"({n / run.recorded_s:,.0f} hb/s), PostgreSQL view after {run.postgres_s:.2f} s;"
-                f" this process used {run.cpu_share:.0%} of one core",
+                f" the hub process used {run.cpu_share:.0%} of one core, its views process "
+                f"{run.views_cpu_share:.0%}",
                 flush=True,
             )
             failures += [f"round {round_}: {p}" for p in run.problems]
@@ -434,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         help="ingest_batch of the hub, and the raw consumer's fetch size",
     )
     parser.add_argument("--log", choices=("jetstream", "kafka"), default="jetstream")
-    parser.add_argument("--profile", action="store_true", help="cProfile the last hub phase")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the last hub phase (the hub process, not its views "
+                        "process)")  # fmt: skip
     args = parser.parse_args(argv)
     if min(args.instances, args.heartbeats, args.rounds, args.batch) < 1:
         parser.error("--instances, --heartbeats, --rounds and --batch must be positive")

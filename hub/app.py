@@ -25,9 +25,9 @@ from hub.infra.monitor import InfraMonitor, monitored
 from hub.ingest import Ingest, ingress_first_seq
 from hub.metrics import Metrics
 from hub.progress import Progress
-from hub.projector import run_projection
 from hub.queries import QueryService
 from hub.tail import LogTail
+from hub.views_process import ViewsProcess
 from projections.port import Projection
 from projections.postgres import PostgresRegistryProjection
 from projections.redis import RedisRegistryProjection
@@ -60,6 +60,17 @@ async def connect_postgres(config: HubConfig, *, timeout: float = 30.0) -> async
                 raise
             log.info("postgres_not_ready", error=repr(exc))
             await asyncio.sleep(0.5)
+
+
+def view_projections(
+    config: HubConfig, pool: asyncpg.Pool, redis: aioredis.Redis
+) -> list[Projection]:
+    """The views the hub keeps: the PostgreSQL registry and the Redis live registry."""
+    return [
+        PostgresRegistryProjection(pool, journal_days=config.infra_history_days,
+                                   cache=config.view_cache),
+        RedisRegistryProjection(redis, cache=config.view_cache),
+    ]  # fmt: skip
 
 
 async def rebuild_state(
@@ -97,6 +108,7 @@ class Hub:
         self.metrics = Metrics()
         self.progress = Progress()
         self.tail = LogTail()  # the ingest loop's appends, handed to the projectors
+        self.views: ViewsProcess | None = None  # the process that runs the projectors
         self.nc: Client | None = None
         self.pool: asyncpg.Pool | None = None
         self.redis: aioredis.Redis | None = None
@@ -107,7 +119,6 @@ class Hub:
         self.projections: list[Projection] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
-        self._projections_stop = asyncio.Event()
         self._stopped = False
 
     async def start(self) -> None:
@@ -130,12 +141,9 @@ class Hub:
         await self.redis.ping()
         self.event_log = make_event_log(c, self.nc)
         await self.event_log.start()
-        self.projections = [
-            PostgresRegistryProjection(
-                self.pool, journal_days=c.infra_history_days, cache=c.view_cache
-            ),
-            RedisRegistryProjection(self.redis, cache=c.view_cache),
-        ]
+        # Set up here (migrations, so that a problem stops the start); the projectors
+        # run in a process of their own (hub.views_process).
+        self.projections = view_projections(c, self.pool, self.redis)
         for p in self.projections:
             await p.setup()
         first_seq = await ingress_first_seq(self.nc)
@@ -146,11 +154,9 @@ class Hub:
                              progress=self.progress, clock=self.clock, tail=self.tail)  # fmt: skip
         await self.ingest.setup()
         await self.progress.appended(state.ingress.floor, end)
-        for p in self.projections:
-            self._spawn(run_projection(self.event_log, p, progress=self.progress,
-                                       metrics=self.metrics, stop=self._projections_stop,
-                                       tail=self.tail),
-                        f"projection:{p.name}")  # fmt: skip
+        self.views = ViewsProcess(c, progress=self.progress, metrics=self.metrics)
+        self.tail.listen(self.views.forward)
+        await self.views.start(end)
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
         await self.queries.start(self.nc)
         self._spawn(self.ingest.run(self._stop), "ingest")
@@ -203,7 +209,8 @@ class Hub:
         if ingest:
             await asyncio.wait(ingest, timeout=5)
         await self._drain(timeout=5)
-        self._projections_stop.set()
+        if self.views is not None:
+            await self.views.stop()
         # Cancel until done: a cancellation can be swallowed inside a client library
         # (see run_projection), so one cancel() is not enough; bounded at 10 s.
         pending = {t for t in self._tasks if not t.done()}

@@ -7,8 +7,18 @@ import sys
 
 import structlog
 
+_configured: tuple[str, int] | None = None
+
+
+def configured() -> tuple[str, int] | None:
+    """The format and level set by ``configure`` (None: structlog's defaults), for a
+    child process that should log the same way."""
+    return _configured
+
 
 def configure(fmt: str = "console", level: int = logging.INFO) -> None:
+    global _configured
+    _configured = (fmt, level)
     renderer: structlog.typing.Processor
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()

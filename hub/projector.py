@@ -4,24 +4,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 
 from events.log import LogRecord, Positions, covers
 from hub.eventlog.port import EventLog
 from hub.metrics import Metrics
-from hub.progress import Progress
 from hub.tail import LogTail, TailOverflow, TailSubscription
 from projections.port import Projection
 
 log = structlog.get_logger(__name__)
 
 
+class AppliedSink(Protocol):
+    """Where a projector reports the positions it has applied (``hub.progress.Progress``,
+    or the report back to the hub from ``hub.views_process``)."""
+
+    async def applied(self, view: str, positions: Positions) -> None: ...
+
+
 async def run_projection(
     event_log: EventLog,
     projection: Projection,
     *,
-    progress: Progress,
+    progress: AppliedSink,
     metrics: Metrics,
     batch: int = 2000,
     stop: asyncio.Event | None = None,

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from events.log import LogRecord, Positions, advance, merge_max
+
+Listener = Callable[[list[LogRecord], Positions, bool], None]
 
 
 class TailOverflow(Exception):
@@ -36,6 +38,12 @@ class LogTail:
         self.appended: Positions = {}
         self.limit = limit
         self._subs: set[TailSubscription] = set()
+        self._listeners: list[Listener] = []
+
+    def listen(self, listener: Listener) -> None:
+        """Call ``listener(records, positions, complete)`` with every append as well
+        (``hub.views_process`` sends them on to the process that runs the views)."""
+        self._listeners.append(listener)
 
     def reset(self, positions: Positions) -> None:
         """The log's end as read at start-up (before anything is appended)."""
@@ -54,13 +62,24 @@ class LogTail:
         """
         if not records:
             return
-        merge_max(self.appended, advance({}, records) if positions is None else positions)
+        if positions is None:
+            positions = advance({}, records)
+        merge_max(self.appended, positions)
         batch = list(records)
         for sub in list(self._subs):  # an overflowing one leaves the set
             if complete:
                 sub.put(batch)
             else:
                 sub.drop()
+        for listener in self._listeners:
+            listener(batch, positions, complete)
+
+    def gap(self, positions: Positions) -> None:
+        """Records up to ``positions`` were appended but are not handed over (the
+        writer's process skipped them): every subscriber reads the log again."""
+        merge_max(self.appended, positions)
+        for sub in list(self._subs):
+            sub.drop()
 
     def subscribe(self) -> TailSubscription:
         sub = TailSubscription(self, dict(self.appended), self.limit)

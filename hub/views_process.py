@@ -1,0 +1,400 @@
+"""The views' projectors in a process of their own, fed with the hub's appends.
+
+The ingest loop and the projectors each need most of a core under heartbeat
+volume, and one Python process has one. So the hub starts a child process
+(``hub.views_process.main``) that runs ``run_projection`` for every view,
+exactly as the hub did in process, with its own connections and its own copy of
+the log's tail:
+
+* hub -> child, on the child's stdin: the configuration once, then frames that
+  replay the hub's ``LogTail`` calls in order: ``reset`` (the log's end at
+  start), ``records`` (each append, with positions and whether the tail can vouch
+  for it) and ``gap`` (the hub skipped records: the child was too far behind, or
+  not yet running). A ``gap`` sends the child's projectors back to the log, which
+  has everything; so does anything else that goes wrong. The log stays the source
+  of truth, the pipe only saves the read back.
+* child -> hub, on a pipe of its own: each view's applied positions (the hub's
+  ``Progress``, hence read-your-writes and ``hub.stop``'s drain) and the
+  projectors' counters.
+
+The child ends when its stdin closes (the hub stopped, or died). If the child
+dies, the hub starts another one, which reads the log from the views' checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+import structlog
+
+from events.log import LogRecord, Positions
+from events.model import AnyEvent
+from hub.config import HubConfig
+from hub.logs import configure, configured
+from hub.metrics import Metrics
+from hub.progress import Progress
+
+log = structlog.get_logger(__name__)
+
+_HEADER = struct.Struct("<I")
+MAX_FRAME = 256 * 1024 * 1024
+
+
+class ToViews(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One frame to the child: a ``LogTail`` call to replay."""
+
+    kind: str  # "reset" | "records" | "gap"
+    positions: dict[int, int]
+    complete: bool = True
+    partitions: list[int] = []
+    offsets: list[int] = []
+    events: list[AnyEvent] = []
+
+
+class FromViews(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One frame from the child: a view's applied positions, and counters since the last."""
+
+    view: str
+    positions: dict[int, int]
+    counters: dict[str, int] = {}
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_to_views = msgspec.msgpack.Decoder(ToViews)
+_from_views = msgspec.msgpack.Decoder(FromViews)
+
+
+def frame(payload: bytes) -> bytes:
+    return _HEADER.pack(len(payload)) + payload
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes | None:
+    """The next frame's payload; None at the end of the stream."""
+    try:
+        head = await reader.readexactly(_HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise
+        return None
+    (n,) = _HEADER.unpack(head)
+    if n > MAX_FRAME:
+        raise ValueError(f"frame of {n:,} bytes (at most {MAX_FRAME:,})")
+    return await reader.readexactly(n)
+
+
+def records_frame(records: Sequence[LogRecord], positions: Positions, complete: bool) -> bytes:
+    return frame(_encode(ToViews(
+        "records", positions, complete,
+        [r.partition for r in records], [r.position for r in records],
+        [r.event for r in records],
+    )))  # fmt: skip
+
+
+# --- the hub's side -----------------------------------------------------------------------
+
+
+class ViewsProcess:
+    """Starts, feeds and supervises the child that runs the views' projectors.
+
+    ``forward`` is a ``LogTail`` listener: it is called synchronously with every
+    append. While the child has more than ``max_buffer`` bytes unread (it fell
+    behind) or is not running, appends are not sent; the next frame that is sent
+    is a ``gap``, so the child's projectors read what they missed from the log.
+    """
+
+    def __init__(
+        self,
+        config: HubConfig,
+        *,
+        progress: Progress,
+        metrics: Metrics,
+        max_buffer: int = 32 * 1024 * 1024,
+    ) -> None:
+        self._config = config
+        self._progress = progress
+        self._metrics = metrics
+        self.max_buffer = max_buffer
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reports: asyncio.StreamReader | None = None
+        self._gap: Positions | None = None  # appends skipped up to these positions
+        self._appended: Positions = {}
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    async def start(self, appended: Positions) -> None:
+        """Start the child; ``appended``: the log's end as the hub read it at start."""
+        self._appended = dict(appended)
+        await self._spawn()
+        self._supervisor = asyncio.create_task(self._supervise(), name="views-process")
+
+    async def _spawn(self) -> None:
+        # The frames back come on a pipe of their own: the child's stdout is only for
+        # what a library might print.
+        back_r, back_w = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "import sys, hub.views_process as v; "
+                "sys.exit(v.main(sys.argv[1:]))", str(back_w),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(back_w,), env=_child_env(),
+                # Its own session: a terminal's Ctrl-C reaches the hub only, which then
+                # lets the views catch up before it closes the child's stdin.
+                start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(back_w)
+        reader = asyncio.StreamReader(limit=MAX_FRAME)
+        await asyncio.get_running_loop().connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(back_r, "rb", 0)
+        )
+        # From here on without a pause: the reset carries the positions appended up to
+        # now, every later append follows it (what was skipped before, the child reads
+        # from the log anyway).
+        assert proc.stdin is not None
+        proc.stdin.write(frame(pickle.dumps((self._config, configured()))))
+        proc.stdin.write(frame(_encode(ToViews("reset", dict(self._appended)))))
+        self._gap = None
+        self._proc, self._reports = proc, reader
+        log.info("views_process_started", pid=proc.pid)
+        if self._stopping:  # stop() came while this one was being started
+            proc.stdin.close()
+
+    def _send(self, data: bytes) -> None:
+        assert self._proc is not None and self._proc.stdin is not None
+        self._proc.stdin.write(data)
+
+    def _writable(self) -> bool:
+        proc = self._proc
+        if proc is None or proc.stdin is None or proc.returncode is not None:
+            return False
+        transport = proc.stdin.transport
+        return not transport.is_closing() and transport.get_write_buffer_size() < self.max_buffer
+
+    def forward(self, records: list[LogRecord], positions: Positions, complete: bool) -> None:
+        """``LogTail`` listener: send one append to the child (or note a gap)."""
+        for p, n in positions.items():
+            if n > self._appended.get(p, 0):
+                self._appended[p] = n
+        if not self._writable():
+            if self._gap is None:
+                self._metrics.inc("views_process_gaps")
+                self._retry_gap()
+            self._gap = dict(self._appended)
+            return
+        self._send_gap()
+        self._send(records_frame(records, positions, complete))
+
+    def _send_gap(self) -> None:
+        if self._gap is not None:
+            self._send(frame(_encode(ToViews("gap", self._gap))))
+            self._gap = None
+
+    def _retry_gap(self) -> None:
+        """Send the gap as soon as the child can take it, appends or not (an idle hub
+        would otherwise leave the views behind what it skipped)."""
+        if self._gap is None or self._stopping:
+            return
+        if self._writable():
+            self._send_gap()
+        else:
+            asyncio.get_running_loop().call_later(0.05, self._retry_gap)
+
+    async def _supervise(self) -> None:
+        """Apply the child's reports; start another child if it dies."""
+        delay = 0.5
+        while True:
+            assert self._proc is not None and self._reports is not None
+            started = time.monotonic()
+            await self._read_reports(self._reports)
+            code = await self._proc.wait()
+            if self._stopping:
+                return
+            self.restarts += 1
+            self._metrics.inc("views_process_restarts")
+            log.error("views_process_died_restarting", returncode=code)
+            if time.monotonic() - started > 60:
+                delay = 0.5
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            if self._stopping:
+                return
+            await self._spawn()
+
+    async def _read_reports(self, reader: asyncio.StreamReader) -> None:
+        """Until the child's end of the pipe closes; a report that cannot be read ends
+        the child (the supervisor starts another)."""
+        while True:
+            try:
+                payload = await read_frame(reader)
+                if payload is None:
+                    return
+                report = _from_views.decode(payload)
+            except (OSError, asyncio.IncompleteReadError, ValueError, msgspec.DecodeError) as exc:
+                log.error("views_process_report_unreadable", error=repr(exc))
+                if self._proc is not None and self._proc.returncode is None:
+                    self._proc.kill()
+                return
+            for name, n in report.counters.items():
+                self._metrics.inc(name, n)
+            await self._progress.applied(report.view, report.positions)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Close the child's stdin (it stops its projectors and exits); kill it if it
+        has not exited within ``timeout`` seconds."""
+        self._stopping = True
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            if proc.stdin is not None:
+                proc.stdin.close()
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except TimeoutError:
+                log.warning("views_process_killed")
+                proc.kill()
+                await proc.wait()
+        if self._supervisor is not None and not self._supervisor.done():
+            # It ends once the child's reports end; it may be asleep before a restart.
+            _, pending = await asyncio.wait({self._supervisor}, timeout=5)
+            for t in pending:
+                t.cancel()
+
+
+def _child_env() -> dict[str, str]:
+    """The hub's environment, with this checkout importable (for ``import hub``)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+# --- the child ----------------------------------------------------------------------------
+
+
+class _Reporter:
+    """The child's stand-in for ``Progress``: sends each view's applied positions, with the
+    counters that changed since the previous report."""
+
+    def __init__(self, out: asyncio.StreamWriter, metrics: Metrics) -> None:
+        self._out = out
+        self._metrics = metrics
+        self._sent: dict[str, int] = {}
+
+    async def applied(self, view: str, positions: Positions) -> None:
+        now = self._metrics.counters
+        delta = {k: v - self._sent.get(k, 0) for k, v in now.items() if v != self._sent.get(k, 0)}
+        self._sent.update({k: now[k] for k in delta})
+        self._out.write(frame(_encode(FromViews(view, dict(positions), delta))))
+        await self._out.drain()
+
+
+async def _serve(back_fd: int) -> None:
+    from hub.app import connect_postgres, make_event_log, view_projections
+    from hub.projector import run_projection
+    from hub.tail import LogTail
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=MAX_FRAME)
+    await loop.connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(0, "rb", 0)
+    )
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(back_fd, "wb", 0)
+    )
+    out = asyncio.StreamWriter(transport, protocol, None, loop)
+    first = await read_frame(reader)
+    if first is None:
+        return
+    config, logging = pickle.loads(first)
+    if logging is not None:
+        configure(*logging)
+    reset = await read_frame(reader)
+    if reset is None:
+        return
+    tail = LogTail()
+    tail.reset(_to_views.decode(reset).positions)
+
+    import nats
+    import redis.asyncio as aioredis
+
+    nc = None
+    if config.event_log != "kafka":
+        nc = await nats.connect(servers=list(config.nats_urls), name="central-hub-views",
+                                max_reconnect_attempts=-1)  # fmt: skip
+    pool = await connect_postgres(config)
+    r = aioredis.Redis(
+        host=config.redis_host, port=config.redis_port, password=config.redis_password or None,
+        db=config.redis_db, decode_responses=True,
+    )  # fmt: skip
+    event_log = make_event_log(config, nc, read_only=True)
+    await event_log.start()
+    metrics = Metrics()
+    reporter = _Reporter(out, metrics)
+    stop = asyncio.Event()
+    views = view_projections(config, pool, r)
+    tasks = []
+    for p in views:
+        run = run_projection(event_log, p, progress=reporter, metrics=metrics, stop=stop, tail=tail)
+        tasks.append(asyncio.create_task(run, name=f"projection:{p.name}"))
+    log.info("views_process_serving", views=[t.get_name() for t in tasks])
+    try:
+        while (payload := await read_frame(reader)) is not None:
+            f = _to_views.decode(payload)
+            if f.kind == "records":
+                tail.publish(
+                    [LogRecord(p, o, e) for p, o, e in zip(f.partitions, f.offsets, f.events,
+                                                           strict=True)],
+                    f.positions, complete=f.complete,
+                )  # fmt: skip
+            elif f.kind == "gap":
+                tail.gap(f.positions)
+    finally:
+        # The hub closed the pipe after the views caught up (or died): stop, bounded.
+        stop.set()
+        pending = {t for t in tasks if not t.done()}
+        deadline = time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.5)
+        with contextlib.suppress(Exception):
+            await event_log.close()
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        await r.aclose()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(pool.close(), 5)
+        log.info("views_process_stopped", **metrics.counters)
+
+
+def main(argv: list[str]) -> int:
+    back_fd = int(argv[0])
+    # Anything printed goes to stderr; the frames have their own pipe.
+    os.dup2(2, 1)
+    from hub.gcpause import tune_for_serving
+
+    tune_for_serving()
+    try:
+        asyncio.run(_serve(back_fd))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the hub is gone
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
