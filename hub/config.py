@@ -46,6 +46,7 @@ ENV_VARS: dict[str, str] = {
     "HUB_INFRA_HISTORY_DAYS": "days of raw check results kept in PostgreSQL infra_checks",
     "HUB_VIEW_CACHE": "live instances each projection keeps in memory to fold batches "
     "without reading them back (0: none)",
+    "HUB_INGEST_BATCH": "ingress messages fetched, decided and appended per batch (at most)",
 }
 
 # Numeric settings read from the environment: variable -> (field, type, lower bound).
@@ -62,6 +63,7 @@ _NUMERIC: dict[str, tuple[str, type, float]] = {
     "HUB_INFRA_FAILURES": ("infra_failures", int, 1),
     "HUB_INFRA_HISTORY_DAYS": ("infra_history_days", float, 0.0001),
     "HUB_VIEW_CACHE": ("view_cache", int, 0),
+    "HUB_INGEST_BATCH": ("ingest_batch", int, 1),
 }
 
 
@@ -92,7 +94,10 @@ class HubConfig:
     # Ingress limits.
     max_message_bytes: int = 64 * 1024
     max_metadata_bytes: int = 8 * 1024
-    ingest_batch: int = 256
+    # Up to this many per fetch: a fetch returns what is there, so a small load is
+    # not held back; under load a large batch spreads the append's round trip and
+    # the per-batch work over more messages.
+    ingest_batch: int = 1000
     # Read-your-writes: how long a query with min_seq may wait.
     min_seq_wait_s: float = 5.0
     # The event log's compaction (Kafka; JetStream rolls heartbeats up at once).
