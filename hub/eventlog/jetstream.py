@@ -72,8 +72,8 @@ class JetStreamEventLog:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
-        # The stream's last sequence after this writer's last append; None: unknown
-        # (the next append acknowledges each message and reads it again).
+        # The stream's last sequence after this writer's last append (or at start);
+        # None: unknown (the next append acknowledges each message and reads it again).
         self._last_seq: int | None = None
         self.exclusive = False
 
@@ -90,6 +90,9 @@ class JetStreamEventLog:
             await self._js.add_stream(config)
         except nats.js.errors.BadRequestError:
             await self._js.update_stream(config)
+        # Where the next append must land for the fast path (checked by its PubAck, so
+        # anything appended from elsewhere since is noticed, see append).
+        self._last_seq = (await self._js.stream_info(self.stream)).state.last_seq
 
     async def close(self) -> None:
         return None
@@ -102,9 +105,9 @@ class JetStreamEventLog:
         messages in order, so if that ack's sequence is exactly the previous last
         sequence + ``len(events)`` (and not a duplicate), every message was stored, in
         order, at consecutive sequences. Anything else (a refused or duplicate
-        message, another writer, the first append) falls back to acknowledging each
-        message: duplicates (``Nats-Msg-Id``) then report where they were stored, and a
-        refusal raises, so the caller retries the batch.
+        message, another writer, an append after a failed one) falls back to
+        acknowledging each message: duplicates (``Nats-Msg-Id``) then report where
+        they were stored, and a refusal raises, so the caller retries the batch.
         """
         if not events:
             return []

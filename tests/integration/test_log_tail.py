@@ -48,13 +48,15 @@ def heartbeat(n: int, seq: int) -> HeartbeatReceived:
 
 
 async def test_a_batch_append_reports_the_positions_the_stream_gave(nc) -> None:
-    """Fast path, a re-sent batch (all duplicates: their original positions), another
-    writer in between (the arithmetic no longer holds: each message acknowledged)."""
+    """Fast path from the first append (the stream's end read at start), a re-sent batch
+    (all duplicates: their original positions), another writer in between (the
+    arithmetic no longer holds: each message acknowledged)."""
     log = JetStreamEventLog(nc)
     await log.start()
     first = [registered(n, n) for n in range(1, 51)]
-    records = await log.append(first)  # the first append acknowledges each message
+    records = await log.append(first)  # the sequence arithmetic, one PubAck
     assert [r.position for r in records] == list(range(1, 51))
+    assert log.exclusive
     second = [heartbeat(n, 50 + n) for n in range(1, 51)]
     records = await log.append(second)  # the sequence arithmetic, one PubAck
     assert [r.position for r in records] == list(range(51, 101))
