@@ -121,8 +121,8 @@ class TailSubscription:
         self._ready.set()
 
     async def get(self, max_records: int, timeout: float) -> list[LogRecord]:
-        """The buffered records (whole batches, about ``max_records`` at most; at least
-        one batch); empty after ``timeout`` seconds without any.
+        """The buffered records in append order, at most ``max_records``; empty after
+        ``timeout`` seconds without any.
 
         Raises:
             TailOverflow: the buffer overflowed; what it held is gone.
@@ -136,8 +136,14 @@ class TailSubscription:
         if self.overflowed:
             raise TailOverflow(f"more than {self._limit:,} records behind the writer")
         out: list[LogRecord] = []
-        while self._batches and (not out or len(out) + len(self._batches[0]) <= max_records):
-            out.extend(self._batches.popleft())
+        while self._batches and len(out) < max_records:
+            first = self._batches[0]
+            room = max_records - len(out)
+            if len(first) <= room:
+                out.extend(self._batches.popleft())
+            else:  # a large append is applied in parts of at most max_records
+                out.extend(first[:room])
+                self._batches[0] = first[room:]
         self._count -= len(out)
         if not self._batches:
             self._ready.clear()

@@ -191,10 +191,12 @@ async def test_a_subscription_buffers_in_order_and_overflows_at_its_limit() -> N
     tail.publish(records[:2])
     tail.publish(records[2:])
     assert tail.appended == {0: 14}
-    assert await sub.get(3, timeout=0.1) == records[:2]  # whole batches, about 3 at most
-    assert await sub.get(3, timeout=0.1) == records[2:]
+    assert await sub.get(3, timeout=0.1) == records[:3]  # in order, at most 3: a batch split
+    assert await sub.get(3, timeout=0.1) == records[3:]
     assert await sub.get(3, timeout=0.05) == []
-    tail.publish([LogRecord(0, 14 + i, registered(i, i)) for i in range(6)])
+    tail.publish(records[:1])
+    assert await sub.get(3, timeout=0.1) == records[:1]  # the count kept up with the split
+    tail.publish([LogRecord(0, 14 + i, registered(i, i)) for i in range(6)])  # 6 > limit 5
     with pytest.raises(TailOverflow):
         await sub.get(100, timeout=0.1)
     late = tail.subscribe()
