@@ -110,6 +110,7 @@ class Hub:
         self.tail = LogTail()  # the ingest loop's appends, handed to the projectors
         self.views: ViewsProcess | None = None  # the process that runs the projectors
         self.nc: Client | None = None
+        self.nc_queries: Client | None = None  # queries' own connection, see start()
         self.pool: asyncpg.Pool | None = None
         self.redis: aioredis.Redis | None = None
         self.event_log: EventLog | None = None
@@ -158,7 +159,12 @@ class Hub:
         self.tail.listen(self.views.forward)
         await self.views.start(end)
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
-        await self.queries.start(self.nc)
+        # A connection of its own: a query must not queue behind the thousands of
+        # ingress messages a fetch brings on the ingest's connection.
+        self.nc_queries = await nats.connect(
+            servers=list(c.nats_urls), name="central-hub-queries", max_reconnect_attempts=-1
+        )
+        await self.queries.start(self.nc_queries)
         self._spawn(self.ingest.run(self._stop), "ingest")
         ingest = self.ingest
         self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
@@ -226,12 +232,13 @@ class Hub:
                 await asyncio.wait_for(self.event_log.close(), timeout=10)
             except TimeoutError:
                 log.warning("event_log_close_timed_out")
-        if self.nc is not None and not self.nc.is_closed:
-            # Everything that reads has been cancelled; flush what was written (acks,
-            # replies) and close. (drain() waits out pull subscriptions: 30 s.)
-            with contextlib.suppress(Exception):
-                await self.nc.flush(timeout=2)
-            await self.nc.close()
+        for nc in (self.nc_queries, self.nc):
+            if nc is not None and not nc.is_closed:
+                # Everything that reads has been cancelled; flush what was written (acks,
+                # replies) and close. (drain() waits out pull subscriptions: 30 s.)
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=2)
+                await nc.close()
         if self.redis is not None:
             await self.redis.aclose()
         if self.pool is not None:
