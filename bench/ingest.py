@@ -209,6 +209,7 @@ class HubRun:
     cpu_share: float  # this process's CPU time / wall time while ingesting (1.0 = one core)
     views_cpu_share: float  # the same for the hub's views process (hub.views_process)
     done_at_start: int  # heartbeats already recorded when start() returned
+    query_ms: list[float]  # round trips of hub.query.infrastructure while ingesting
     counters: dict[str, int]
     problems: list[str]
 
@@ -232,12 +233,16 @@ async def hub_phase(
     timeout = max(120.0, n / 500)
     hub = Hub(config)
     recorded = asyncio.create_task(_when_recorded(hub, last))
+    probing = asyncio.Event()
+    query_ms: list[float] = []
+    probe = asyncio.create_task(_probe_queries(nc, probing, query_ms))
     if prof is not None:
         prof.enable()
     try:
         t0 = time.perf_counter()
         await hub.start()
         t1, c1 = time.perf_counter(), time.process_time()
+        probing.set()
         views_pid = hub.views.pid if hub.views is not None else None
         v1 = process_cpu(views_pid)
         done_at_start = hub.metrics.get("ingress_HeartbeatReceived")
@@ -247,6 +252,7 @@ async def hub_phase(
                 f"({hub.metrics.get('ingress_HeartbeatReceived'):,}/{n:,} ingested)"
             )
         t2, c2 = time.perf_counter(), time.process_time()
+        probing.clear()
         v2 = process_cpu(views_pid)
         if prof is not None:
             prof.disable()
@@ -257,6 +263,7 @@ async def hub_phase(
         if prof is not None:
             prof.disable()
         recorded.cancel()
+        probe.cancel()
         await hub.stop()
     t_log = recorded.result() if recorded.done() and not recorded.cancelled() else t3
     problems = []
@@ -273,8 +280,23 @@ async def hub_phase(
         problems.append(f"{stale:,} instances' Redis last_seen is before this phase")
     cpu = (c2 - c1) / (t2 - t1)
     views_cpu = (v2 - v1) / (t2 - t1)
-    return HubRun(t1 - t0, t_log - t1, t2 - t1, t3 - t1, cpu, views_cpu, done_at_start, counters,
-                  problems)  # fmt: skip
+    return HubRun(t1 - t0, t_log - t1, t2 - t1, t3 - t1, cpu, views_cpu, done_at_start,
+                  query_ms, counters, problems)  # fmt: skip
+
+
+async def _probe_queries(nc: Client, probing: asyncio.Event, out: list[float]) -> None:
+    """While ``probing`` is set, ask ``hub.query.infrastructure`` every 20 ms (a small
+    answer: what is measured is how long a query waits behind the ingest's batches)."""
+    while True:
+        await probing.wait()
+        t = time.perf_counter()
+        try:
+            await nc.request("hub.query.infrastructure", b"{}", timeout=5.0)
+        except nats.errors.TimeoutError:
+            out.append(5000.0)
+        else:
+            out.append((time.perf_counter() - t) * 1000)
+        await asyncio.sleep(0.02)
 
 
 def process_cpu(pid: int | None) -> float:
@@ -388,6 +410,14 @@ async def bench(args: argparse.Namespace, stack: EmbeddedStack) -> int:
                 f"{run.views_cpu_share:.0%}",
                 flush=True,
             )
+            q = sorted(run.query_ms)
+            if q:
+                print(
+                    f"          hub.query.infrastructure meanwhile ({len(q)} queries): median "
+                    f"{statistics.median(q):.1f} ms, p99 {q[int(len(q) * 0.99)]:.1f} ms, worst "
+                    f"{q[-1]:.1f} ms",
+                    flush=True,
+                )
             failures += [f"round {round_}: {p}" for p in run.problems]
             if prof is not None:
                 print("\n== cProfile of the hub phase (start + ingest until Redis reflects) ==")

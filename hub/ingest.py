@@ -76,6 +76,7 @@ from hub.tail import LogTail
 log = structlog.get_logger(__name__)
 
 EXCERPT_BYTES = 256
+YIELD_EVERY = 500  # messages decided between two turns of the event loop
 # Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats and
 # infrastructure check results (the bulk; a change they cause is announced as such).
 ANNOUNCED = frozenset(t for t in WATCH_KIND if t not in (HeartbeatReceived, InfraChecked))
@@ -375,7 +376,9 @@ class Ingest:
         counts: Counter[str] = Counter()
         seq = pending = 0
         ts = now
-        for msg in msgs:
+        for i, msg in enumerate(msgs, 1):
+            if i % YIELD_EVERY == 0:  # a large batch must not hold up the queries
+                await asyncio.sleep(0)
             seq, ts, pending = ack_metadata(msg.reply)
             max_seq = max(max_seq, seq)
             if self.state.ingress.seen(seq):
@@ -395,8 +398,10 @@ class Ingest:
             self._metrics.inc(name, n)
         positions = await self._record(recorded, dead)
         await self._announce(recorded)
-        for msg in msgs:
+        for i, msg in enumerate(msgs, 1):
             await msg.ack()
+            if i % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         # Caught up: nothing left in ingress, or what is left is recent (lease
         # decisions need the hub to have seen the latest heartbeats).
         self._caught_up = pending == 0 or now - ts < self.state.policy.max_lag_s

@@ -115,8 +115,10 @@ class JetStreamEventLog:
         last = self._last_seq
         if last is not None:
             publish = self._nc.publish
-            for subject, data, headers in msgs[:-1]:
+            for i, (subject, data, headers) in enumerate(msgs[:-1], 1):
                 await publish(subject, data, headers=headers)
+                if i % 500 == 0:  # a large batch must not hold up everything else
+                    await asyncio.sleep(0)
             subject, data, headers = msgs[-1]
             ack = await self._js.publish(subject, data, headers=headers)
             if not ack.duplicate and ack.seq == last + len(msgs):
