@@ -213,25 +213,31 @@ class ViewsProcess:
             asyncio.get_running_loop().call_later(0.05, self._retry_gap)
 
     async def _supervise(self) -> None:
-        """Apply the child's reports; start another child if it dies."""
+        """Apply the child's reports; start another child if it dies (or could not be
+        started)."""
         delay = 0.5
         while True:
-            assert self._proc is not None and self._reports is not None
             started = time.monotonic()
-            await self._read_reports(self._reports)
-            code = await self._proc.wait()
-            if self._stopping:
-                return
-            self.restarts += 1
-            self._metrics.inc("views_process_restarts")
-            log.error("views_process_died_restarting", returncode=code)
+            proc, reports = self._proc, self._reports
+            if proc is not None and reports is not None:
+                await self._read_reports(reports)
+                code = await proc.wait()
+                if self._stopping:
+                    return
+                self.restarts += 1
+                self._metrics.inc("views_process_restarts")
+                log.error("views_process_died_restarting", returncode=code)
             if time.monotonic() - started > 60:
                 delay = 0.5
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)
             if self._stopping:
                 return
-            await self._spawn()
+            try:
+                await self._spawn()
+            except Exception as exc:  # e.g. no process could be started: try again later
+                log.error("views_process_start_failed", error=repr(exc))
+                self._proc = self._reports = None
 
     async def _read_reports(self, reader: asyncio.StreamReader) -> None:
         """Until the child's end of the pipe closes; a report that cannot be read ends
