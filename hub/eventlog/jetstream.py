@@ -24,6 +24,7 @@ from nats.js.api import (
 from events.codec import decode_event, encode_event
 from events.log import LogRecord, Positions
 from events.model import AnyEvent, Event, compaction_key
+from hub.eventlog.port import NOT_AN_EVENT, decode_records
 
 log = structlog.get_logger(__name__)
 
@@ -164,13 +165,17 @@ class JetStreamEventLog:
                     msgs = await sub.fetch(batch, timeout=0.5)
                 except (TimeoutError, nats.errors.TimeoutError):
                     msgs = []
-                records = [
-                    LogRecord(0, m.metadata.sequence.stream, decode_event(m.data)) for m in msgs
-                ]
+                try:
+                    records = [
+                        LogRecord(0, m.metadata.sequence.stream, decode_event(m.data)) for m in msgs
+                    ]
+                except NOT_AN_EVENT:  # something else was published on the log's subjects
+                    records = decode_records((0, m.metadata.sequence.stream, m.data) for m in msgs)
                 if records:
                     yield records
-                    first = records[-1].position + 1
-                if not follow and (first >= end or not records):
+                if msgs:
+                    first = msgs[-1].metadata.sequence.stream + 1
+                if not follow and (first >= end or not msgs):
                     return
         finally:
             try:

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Protocol
 
+import msgspec
+import structlog
+
+from events.codec import decode_event
 from events.log import LogRecord, Positions
 from events.model import Event
 
-__all__ = ["EventLog", "LogRecord", "Positions"]
+__all__ = ["EventLog", "LogRecord", "Positions", "decode_records"]
+
+log = structlog.get_logger(__name__)
+NOT_AN_EVENT = (msgspec.DecodeError, TypeError)  # TypeError: no value at all (None)
+
+
+def decode_records(raw: Iterable[tuple[int, int, bytes | None]]) -> list[LogRecord]:
+    """Records of ``(partition, position, bytes)``, skipping what is not an event.
+
+    The hub is the log's only writer, but anyone allowed to publish on its subjects
+    (or produce to its topic) can put something else there. Such a message is logged
+    and left out, instead of failing every reader of the log (projections, the
+    start-up fold, replay) again and again. (The fast path, one decode per batch, is
+    in the callers; this is their fallback.)
+    """
+    out = []
+    for partition, position, data in raw:
+        try:
+            out.append(LogRecord(partition, position, decode_event(data)))  # type: ignore[arg-type]
+        except NOT_AN_EVENT as exc:
+            log.warning("log_record_not_an_event_skipped", partition=partition,
+                        position=position, error=str(exc)[:200],
+                        excerpt=(data or b"")[:80].decode(errors="backslashreplace"))  # fmt: skip
+    return out
 
 
 class EventLog(Protocol):

@@ -163,3 +163,42 @@ async def test_the_hub_survives_a_flood_of_garbage(start_hub, nc):
     reply = await query(nc, "hub.query.services", {"min_seq": ack.seq})
     assert [s["service_name"] for s in reply["data"]] == ["orders"]
     assert hub.metrics.get("ingress_rejected") == 600
+
+
+async def test_something_that_is_not_an_event_in_the_log_is_skipped(
+    start_hub, event_log_kind, hub_config, nc, pg, rds
+):
+    """Anyone allowed to publish on the log's subjects (or produce to its topic) can put
+    something else there. The views keep following, a restarted hub folds the log, and
+    replay and verify agree: the foreign records are left out, not fatal."""
+    from aiokafka import AIOKafkaProducer
+
+    from tests.integration.test_replay import live_traffic, replay_reproduces_the_views
+
+    hub = await start_hub(event_log=event_log_kind, infra_self=False)
+    first = await live_traffic(nc)
+    await eventually(lambda: all(hub.progress.reflects(p.name, first) for p in hub.projections))
+    garbage = [b"not json", b'{"type": "ServiceRegistered"}', b'{"type": "NoSuchEvent"}']
+    if event_log_kind == "jetstream":
+        for g in garbage:
+            await nc.jetstream().publish("hub.log.default.ServiceRegistered", g)
+    else:
+        producer = AIOKafkaProducer(bootstrap_servers=",".join(hub_config.kafka_brokers))
+        await producer.start()
+        try:
+            for i, g in enumerate(garbage):  # the topic is compacted: keys are required
+                await producer.send_and_wait(hub_config.kafka_topic, g, key=b"foreign-%d" % i,
+                                             partition=0)  # fmt: skip
+        finally:
+            await producer.stop()
+    reg = {"service_name": "svc-after", "instance_id": "a-1", "host": "10.0.0.7", "port": 7}
+    after = (await nc.jetstream().publish("hub.register", msgspec.json.encode(reg))).seq
+    await eventually(
+        lambda: all(hub.progress.reflects(p.name, after) for p in hub.projections), timeout=30
+    )
+    await hub.stop()
+
+    again = await start_hub(event_log=event_log_kind, infra_self=False)  # the start-up fold
+    reply = await query(nc, "hub.query.instances", {"service_name": "svc-after"})
+    assert [i["instance_id"] for i in reply["data"]] == ["a-1"], reply
+    await replay_reproduces_the_views(again, hub_config, pg, rds)
