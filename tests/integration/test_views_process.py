@@ -130,3 +130,31 @@ async def test_the_views_process_ends_with_the_hub(hub_config, nc, tmp_path):
         await eventually(lambda: not alive(child), timeout=30)
     finally:
         hub.stop()
+
+
+async def test_a_views_process_that_cannot_be_started_is_tried_again(
+    start_hub, hub_config, nc, monkeypatch
+):
+    """The child dies and the first attempt to start another fails (no process: the
+    failure is injected, the rest is real): the hub tries again and the views catch up."""
+    hub = await start_hub(infra_self=False)
+    last = await live_traffic(nc)
+    await views_reflect(hub, last)
+    real = asyncio.create_subprocess_exec
+    attempts = []
+
+    async def fails_once(*args, **kwargs):
+        attempts.append(args)
+        if len(attempts) == 1:
+            raise OSError("injected: no process could be started")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", fails_once)
+    first = hub.views.pid
+    os.kill(first, signal.SIGKILL)
+    last = await heartbeats(nc, 300, status="unhealthy")
+    await eventually(lambda: len(attempts) == 2 and hub.views.pid not in (None, first), timeout=30)
+    await views_reflect(hub, last)
+    svc2 = await query(nc, "hub.query.instances", {"service_name": "svc-2"})
+    assert {i["reported_status"] for i in svc2["data"]} == {"unhealthy"}, svc2
+    await verified(hub, hub_config)
