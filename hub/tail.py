@@ -45,6 +45,10 @@ class LogTail:
         (``hub.views_process`` sends them on to the process that runs the views)."""
         self._listeners.append(listener)
 
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
     def reset(self, positions: Positions) -> None:
         """The log's end as read at start-up (before anything is appended)."""
         merge_max(self.appended, positions)

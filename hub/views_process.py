@@ -354,6 +354,12 @@ async def _serve(back_fd: int) -> None:
     for p in views:
         run = run_projection(event_log, p, progress=reporter, metrics=metrics, stop=stop, tail=tail)
         tasks.append(asyncio.create_task(run, name=f"projection:{p.name}"))
+    # Each projector subscribes to the tail before its first await; let them, before any
+    # append is read (reading buffered frames does not yield). An append read before
+    # would reach the projector only from the log, which may no longer hold it whole
+    # (superseded heartbeats and check results are rolled up).
+    while tail.subscribers < len(tasks) and not any(t.done() for t in tasks):  # noqa: ASYNC110
+        await asyncio.sleep(0)  # (one turn is enough; nothing to wait on but the tasks)
     log.info("views_process_serving", views=[t.get_name() for t in tasks])
     try:
         while (payload := await read_frame(reader)) is not None:

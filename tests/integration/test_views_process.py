@@ -158,3 +158,26 @@ async def test_a_views_process_that_cannot_be_started_is_tried_again(
     svc2 = await query(nc, "hub.query.instances", {"service_name": "svc-2"})
     assert {i["reported_status"] for i in svc2["data"]} == {"unhealthy"}, svc2
     await verified(hub, hub_config)
+
+
+async def test_appends_made_while_the_views_process_starts_reach_it_whole(
+    start_hub, hub_config, pg, tmp_path
+):
+    """The hub appends before its views process is ready (here a check result every 0.1 s,
+    each superseding the previous one in the log). Those appends reach the projectors from
+    the hub, not from the log, so the PostgreSQL journal of check results has the first
+    one, which the log no longer holds."""
+    from tests.integration.test_infra_monitor import component, write_yaml
+
+    checked = component("cache", hub_config.redis_port, "tcp", 0.1)
+    path = write_yaml(tmp_path / "infra.yaml", databases=[checked])
+    hub = await start_hub(infra_config=path, infra_self=False)
+    await eventually(lambda: hub.monitor.scheduler.checks >= 10, timeout=30)
+    await eventually(lambda: all(hub.progress.up_to_date(p.name) for p in hub.projections))
+    first = await pg.fetchval("SELECT event_id FROM infra_history WHERE component = 'cache'"
+                              " ORDER BY ts LIMIT 1")  # fmt: skip
+    assert first is not None and first.endswith(".status")
+    journal = {r["event_id"] for r in await pg.fetch(
+        "SELECT event_id FROM infra_checks WHERE component = 'cache'")}  # fmt: skip
+    assert first.removesuffix(".status") in journal
+    assert len(journal) >= 5, journal
