@@ -323,9 +323,9 @@ async def _serve(back_fd: int) -> None:
     first = await read_frame(reader)
     if first is None:
         return
-    config, logging = pickle.loads(first)
-    if logging is not None:
-        configure(*logging)
+    config, log_setup = pickle.loads(first)
+    if log_setup is not None:
+        configure(*log_setup)
     reset = await read_frame(reader)
     if reset is None:
         return
