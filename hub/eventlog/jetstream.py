@@ -21,10 +21,10 @@ from nats.js.api import (
     StreamConfig,
 )
 
-from events.codec import decode_event, encode_event
+from events.codec import encode_event
 from events.log import LogRecord, Positions
 from events.model import AnyEvent, Event, compaction_key
-from hub.eventlog.port import NOT_AN_EVENT, decode_records
+from hub.eventlog.port import decode_records
 
 log = structlog.get_logger(__name__)
 
@@ -165,12 +165,7 @@ class JetStreamEventLog:
                     msgs = await sub.fetch(batch, timeout=0.5)
                 except (TimeoutError, nats.errors.TimeoutError):
                     msgs = []
-                try:
-                    records = [
-                        LogRecord(0, m.metadata.sequence.stream, decode_event(m.data)) for m in msgs
-                    ]
-                except NOT_AN_EVENT:  # something else was published on the log's subjects
-                    records = decode_records((0, m.metadata.sequence.stream, m.data) for m in msgs)
+                records = decode_records([(0, m.metadata.sequence.stream, m.data) for m in msgs])
                 if records:
                     yield records
                 if msgs:

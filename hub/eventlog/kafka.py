@@ -30,10 +30,10 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
-from events.codec import decode_event, encode_event
+from events.codec import encode_event
 from events.log import LogRecord, Positions
 from events.model import AnyEvent, Event, compaction_key, partition_key
-from hub.eventlog.port import NOT_AN_EVENT, decode_records
+from hub.eventlog.port import decode_records
 
 log = structlog.get_logger(__name__)
 
@@ -210,17 +210,10 @@ class KafkaEventLog:
                 ):
                     return
                 fetched = await consumer.getmany(*tps, timeout_ms=200, max_records=batch)
-                try:
-                    records = [
-                        LogRecord(tp.partition, m.offset, decode_event(m.value))
-                        for tp, msgs in fetched.items()
-                        for m in msgs
-                    ]
-                except NOT_AN_EVENT:  # something else was produced to the log's topic
-                    records = decode_records(
-                        (tp.partition, m.offset, m.value) for tp, msgs in fetched.items()
-                        for m in msgs
-                    )  # fmt: skip
+                records = decode_records(
+                    [(tp.partition, m.offset, m.value) for tp, msgs in fetched.items()
+                     for m in msgs]
+                )  # fmt: skip
                 if records:
                     yield records
         finally:
