@@ -155,9 +155,8 @@ class Hub:
                              progress=self.progress, clock=self.clock, tail=self.tail)  # fmt: skip
         await self.ingest.setup()
         await self.progress.appended(state.ingress.floor, end)
-        self.views = ViewsProcess(c, progress=self.progress, metrics=self.metrics)
-        self.tail.listen(self.views.forward)
-        await self.views.start(end)
+        self.views = ViewsProcess(c, self.tail, progress=self.progress, metrics=self.metrics)
+        await self.views.start()
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
         # A connection of its own: a query must not queue behind the thousands of
         # ingress messages a fetch brings on the ingest's connection.

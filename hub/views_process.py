@@ -42,6 +42,7 @@ from hub.config import HubConfig
 from hub.logs import configure, configured
 from hub.metrics import Metrics
 from hub.progress import Progress
+from hub.tail import LogTail
 
 log = structlog.get_logger(__name__)
 
@@ -105,8 +106,8 @@ def records_frame(records: Sequence[LogRecord], positions: Positions, complete: 
 class ViewsProcess:
     """Starts, feeds and supervises the child that runs the views' projectors.
 
-    ``forward`` is a ``LogTail`` listener: it is called synchronously with every
-    append. While the child has more than ``max_buffer`` bytes unread (it fell
+    It listens to the hub's ``LogTail`` (``forward`` is called synchronously with
+    every append). While the child has more than ``max_buffer`` bytes unread (it fell
     behind) or is not running, appends are not sent; the next frame that is sent
     is a ``gap``, so the child's projectors read what they missed from the log.
     """
@@ -114,19 +115,21 @@ class ViewsProcess:
     def __init__(
         self,
         config: HubConfig,
+        tail: LogTail,
         *,
         progress: Progress,
         metrics: Metrics,
         max_buffer: int = 32 * 1024 * 1024,
     ) -> None:
         self._config = config
+        self._tail = tail
+        tail.listen(self.forward)
         self._progress = progress
         self._metrics = metrics
         self.max_buffer = max_buffer
         self._proc: asyncio.subprocess.Process | None = None
         self._reports: asyncio.StreamReader | None = None
-        self._gap: Positions | None = None  # appends skipped up to these positions
-        self._appended: Positions = {}
+        self._skipped = False  # appends not sent since the last frame (a gap to send)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         self.restarts = 0
@@ -135,9 +138,8 @@ class ViewsProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 
-    async def start(self, appended: Positions) -> None:
-        """Start the child; ``appended``: the log's end as the hub read it at start."""
-        self._appended = dict(appended)
+    async def start(self) -> None:
+        """Start the child (the tail's positions are the log's end as read at start)."""
         await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name="views-process")
 
@@ -165,8 +167,8 @@ class ViewsProcess:
         # from the log anyway).
         assert proc.stdin is not None
         proc.stdin.write(frame(pickle.dumps((self._config, configured()))))
-        proc.stdin.write(frame(_encode(ToViews("reset", dict(self._appended)))))
-        self._gap = None
+        proc.stdin.write(frame(_encode(ToViews("reset", dict(self._tail.appended)))))
+        self._skipped = False
         self._proc, self._reports = proc, reader
         log.info("views_process_started", pid=proc.pid)
         if self._stopping:  # stop() came while this one was being started
@@ -185,27 +187,26 @@ class ViewsProcess:
 
     def forward(self, records: list[LogRecord], positions: Positions, complete: bool) -> None:
         """``LogTail`` listener: send one append to the child (or note a gap)."""
-        for p, n in positions.items():
-            if n > self._appended.get(p, 0):
-                self._appended[p] = n
         if not self._writable():
-            if self._gap is None:
+            if not self._skipped:
+                self._skipped = True
                 self._metrics.inc("views_process_gaps")
                 self._retry_gap()
-            self._gap = dict(self._appended)
             return
         self._send_gap()
         self._send(records_frame(records, positions, complete))
 
     def _send_gap(self) -> None:
-        if self._gap is not None:
-            self._send(frame(_encode(ToViews("gap", self._gap))))
-            self._gap = None
+        """If appends were skipped: the positions appended so far, for the child's
+        projectors to read from the log (what they have already, they skip)."""
+        if self._skipped:
+            self._send(frame(_encode(ToViews("gap", dict(self._tail.appended)))))
+            self._skipped = False
 
     def _retry_gap(self) -> None:
         """Send the gap as soon as the child can take it, appends or not (an idle hub
         would otherwise leave the views behind what it skipped)."""
-        if self._gap is None or self._stopping:
+        if not self._skipped or self._stopping:
             return
         if self._writable():
             self._send_gap()
@@ -309,7 +310,6 @@ class _Reporter:
 async def _serve(back_fd: int) -> None:
     from hub.app import connect_postgres, make_event_log, view_projections
     from hub.projector import run_projection
-    from hub.tail import LogTail
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_FRAME)
@@ -406,7 +406,3 @@ def main(argv: list[str]) -> int:
     except BrokenPipeError:  # the hub is gone
         return 0
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
