@@ -8,6 +8,7 @@ reason a sender can act on. Pure functions over bytes: no I/O.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -27,9 +28,14 @@ HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 Interval = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 Load = Annotated[float, msgspec.Meta(ge=0)]
 MetaKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-MetaValue = str | int | float | bool | None
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]
+MetaValue = str | Int64 | float | bool | None
 SeqNo = Annotated[int, msgspec.Meta(ge=0)]
 CorrelationId = Annotated[str, msgspec.Meta(max_length=128)]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class WireError(ValueError):
@@ -41,6 +47,9 @@ class WireError(ValueError):
     """
 
     def __init__(self, code: str, reason: str) -> None:
+        # A reason may quote the sender's text (msgspec names an unknown field or a bad
+        # enum value): control characters are escaped, so it is printable text anywhere.
+        reason = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", reason)
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
@@ -106,30 +115,87 @@ def derive_instance_id(service_name: str, host: str, port: int) -> str:
     return f"{service_name[:50]}-{digest}"
 
 
-def _find_nul(value: Any, path: str) -> str | None:
-    """The path of the first string (key or value) holding a NUL character, if any.
+def _unstorable(value: Any, path: str) -> str | None:
+    """Why a free-form value (``metadata``, ``checks``) cannot be kept, naming the path
+    of the first offending key or value; None if it can.
 
-    JSON allows ``\\u0000`` but PostgreSQL text and jsonb do not; refusing it at
-    the door keeps a poison event out of the log.
+    JSON allows ``\\u0000`` but PostgreSQL text and jsonb do not; and JSON integers
+    have no size, but the hub's pipe to its views (MessagePack) and most consumers hold
+    64 bits at most. Refusing either at the door keeps a poison event out of the log.
     """
     if isinstance(value, str):
-        return path if "\x00" in value else None
+        return f"NUL character not allowed - at `{path}`" if "\x00" in value else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if INT64_MIN <= value <= INT64_MAX:
+            return None
+        return f"integer out of range (64 bits) - at `{path}`"
     if isinstance(value, dict):
         for k, v in value.items():
             if "\x00" in k:
-                return f"{path} (a key)"
-            found = _find_nul(v, f"{path}.{k}")
+                return f"NUL character not allowed - at `{path}` (a key)"
+            found = _unstorable(v, f"{path}.{k}")
             if found:
                 return found
     if isinstance(value, list):
         for i, v in enumerate(value):
-            found = _find_nul(v, f"{path}[{i}]")
+            found = _unstorable(v, f"{path}[{i}]")
             if found:
                 return found
     return None
 
 
+def check_utf8(payload: bytes) -> None:
+    """JSON is UTF-8 (RFC 8259): refuse anything else before decoding, keys included.
+
+    Python's strict decoder also refuses overlong forms and encoded surrogates. The
+    decoders below would otherwise meet bad bytes only inside the strings they read
+    (and raise ``UnicodeDecodeError`` there), and skip unknown keys unchecked.
+
+    Raises:
+        WireError: ``MALFORMED_UTF8``, naming the first bad byte.
+    """
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad = payload[exc.start : min(exc.end, exc.start + 4)].hex(" ")
+        raise WireError(
+            "MALFORMED_UTF8", f"not valid UTF-8 at byte {exc.start} ({bad}): {exc.reason}"
+        ) from None
+
+
+# Nesting of arrays and objects in an ingress message, its outermost object included.
+MAX_DEPTH = 64
+_STRUCTURE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
+
+
+def check_depth(payload: bytes) -> None:
+    """Refuse JSON nested deeper than ``MAX_DEPTH`` levels, decided by the bytes alone.
+
+    msgspec gives up at Python's recursion limit (``RecursionError``), which depends on
+    how deep the caller's stack already is: the same message, accepted by the ingest
+    loop, could then fail to encode when appended, or to decode where the log is read.
+
+    Raises:
+        WireError: ``MALFORMED_JSON``, naming the byte where the limit is passed.
+    """
+    if payload.count(b"[") + payload.count(b"{") <= MAX_DEPTH:
+        return
+    depth = 0
+    for m in _STRUCTURE.finditer(payload):
+        token = m.group()
+        if token in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise WireError(
+                    "MALFORMED_JSON", f"nested deeper than {MAX_DEPTH} levels (at byte {m.start()})"
+                )
+        elif token in (b"]", b"}"):
+            depth -= 1
+
+
 def _decode(kind: str, payload: bytes) -> IngressMessage:
+    check_utf8(payload)
+    check_depth(payload)
     try:
         return _decoders[kind].decode(payload)
     except msgspec.ValidationError as exc:
@@ -149,14 +215,14 @@ def parse_ingress(kind: str, payload: bytes, *, max_metadata_bytes: int) -> Ingr
     if not payload.strip():
         raise WireError("MALFORMED_JSON", "empty payload")
     msg = _decode(kind, payload)
-    extra = (
-        msg.metadata
-        if isinstance(msg, RegisterMessage)
-        else (msg.checks if isinstance(msg, HeartbeatMessage) else {})
-    )
-    nul = _find_nul(extra, "$")
-    if nul is not None:
-        raise WireError("INVALID_FIELD", f"NUL character not allowed - at `{nul}`")
+    if isinstance(msg, RegisterMessage):
+        problem = _unstorable(msg.metadata, "$.metadata")
+    elif isinstance(msg, HeartbeatMessage):
+        problem = _unstorable(msg.checks, "$.checks")
+    else:
+        problem = None
+    if problem is not None:
+        raise WireError("INVALID_FIELD", problem)
     if isinstance(msg, RegisterMessage):
         if msg.ttl_s is not None and msg.ttl_s < msg.heartbeat_interval_s:
             raise WireError(
@@ -252,7 +318,15 @@ class InfrastructureQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unkn
     correlation_id: CorrelationId | None = None
 
 
-Q = TypeVar("Q", ServicesQuery, ServiceQuery, InstancesQuery, HealthQuery, InfrastructureQuery)
+class StatusQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """``hub.query.status``: the hub's own health (role, event log, ingress backlog)."""
+
+    correlation_id: CorrelationId | None = None
+
+
+Q = TypeVar(
+    "Q", ServicesQuery, ServiceQuery, InstancesQuery, HealthQuery, InfrastructureQuery, StatusQuery
+)
 
 
 class StandardResponse(msgspec.Struct, kw_only=True, omit_defaults=False):
@@ -271,10 +345,11 @@ def parse_query(payload: bytes, query_type: type[Q]) -> Q:
     """Decode a query request; an empty body means "no filters".
 
     Raises:
-        WireError: MALFORMED_JSON or INVALID_REQUEST with the offending field.
+        WireError: MALFORMED_UTF8, MALFORMED_JSON or INVALID_REQUEST with the offending field.
     """
     if not payload.strip():
         payload = b"{}"
+    check_utf8(payload)
     try:
         return msgspec.json.decode(payload, type=query_type)
     except msgspec.ValidationError as exc:

@@ -130,13 +130,9 @@ class Connections:
 
     @classmethod
     async def open(cls, config: HubConfig) -> Connections:
-        import nats
+        from hub import natsconn
 
-        nc = (
-            await nats.connect(servers=list(config.nats_urls))
-            if config.event_log != "kafka"
-            else None
-        )
+        nc = await natsconn.connect(list(config.nats_urls)) if config.event_log != "kafka" else None
         event_log = make_event_log(config, nc, read_only=True)
         await event_log.start()
         pool = await connect_postgres(config)

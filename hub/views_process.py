@@ -332,12 +332,13 @@ async def _serve(back_fd: int) -> None:
     tail = LogTail()
     tail.reset(_to_views.decode(reset).positions)
 
-    import nats
     import redis.asyncio as aioredis
+
+    from hub import natsconn
 
     nc = None
     if config.event_log != "kafka":
-        nc = await nats.connect(servers=list(config.nats_urls), name="central-hub-views",
+        nc = await natsconn.connect(list(config.nats_urls), name="central-hub-views",
                                 max_reconnect_attempts=-1)  # fmt: skip
     pool = await connect_postgres(config)
     r = aioredis.Redis(

@@ -14,7 +14,19 @@ OK = b'{"service_name":"orders","instance_id":"orders-1","host":"10.0.0.5","port
 # (subject, payload, expected reason code, expected tenant of the rejection)
 BAD_INGRESS = [
     ("hub.register", b'{"service_name": "orders", "host": ', "MALFORMED_JSON", "default"),
-    ("hub.register", b"\xff\xfe\x00garbage", "MALFORMED_JSON", "default"),
+    ("hub.register", b"\xff\xfe\x00garbage", "MALFORMED_UTF8", "default"),
+    # Invalid UTF-8 inside a string (these crashed the hub), in an unknown key (skipped by
+    # the decoder), nesting past the limit, an integer beyond 64 bits.
+    ("hub.register", b'{"service_name":"\xff\xfe\xfd","host":"h","port":1}', "MALFORMED_UTF8",
+     "default"),
+    ("hub.register", b'{"service_name":"\xed\xa0\x80","host":"h","port":1}', "MALFORMED_UTF8",
+     "default"),
+    ("hub.register", b'{"\xff":1,"service_name":"orders","host":"h","port":1}', "MALFORMED_UTF8",
+     "default"),
+    ("hub.heartbeat", b'{"service_name":"orders","instance_id":"orders-1","checks":{"x":'
+     + b"[" * 5000 + b"]" * 5000 + b"}}", "MALFORMED_JSON", "default"),
+    ("hub.register", b'{"service_name":"big","host":"h","port":1,"metadata":{"n":1'
+     + b"0" * 400 + b"}}", "INVALID_FIELD", "default"),
     ("hub.register", b'{"service_name":"nul","host":"h","port":1,"metadata":{"k":"a\\u0000b"}}',
      "INVALID_FIELD", "default"),
     ("hub.register", b'{"service_name":"orders","host":"h","port":"80"}', "INVALID_FIELD",
@@ -126,6 +138,9 @@ async def test_oversized_message_is_refused_at_the_door(start_hub, nc):
     ("subject", "body", "code"),
     [
         ("hub.query.services", b"{nope", "MALFORMED_JSON"),
+        ("hub.query.services", b'{"name":"\xff\xfe\xfd"}', "MALFORMED_UTF8"),
+        ("hub.query.service", b'{"service_name":"\xed\xa0\x80"}', "MALFORMED_UTF8"),
+        ("hub.query.services", b"\xff\xfe\x00garbage", "MALFORMED_UTF8"),
         ("hub.query.services", b'{"name": 42}', "INVALID_REQUEST"),
         ("hub.query.services", b'{"nmae": "orders"}', "INVALID_REQUEST"),
         ("hub.query.services", b'{"name": "x; DROP TABLE service_registry"}', "INVALID_REQUEST"),

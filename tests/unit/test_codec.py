@@ -116,7 +116,7 @@ def test_decoder_refuses_an_unknown_type_tag():
     [
         (b"{not json", "MALFORMED_JSON", ""),
         (b"", "MALFORMED_JSON", ""),
-        (b"\xff\xfe", "MALFORMED_JSON", ""),
+        (b"\xff\xfe", "MALFORMED_UTF8", "byte 0"),
         (b'{"service_name": "orders", "host": "h", "port": "80"}', "INVALID_FIELD", "$.port"),
         (b'{"service_name": "orders", "host": "h"}', "INVALID_FIELD", "port"),
         (b'{"service_name": "orders", "host": "h", "port": 70000}', "INVALID_FIELD", "$.port"),
