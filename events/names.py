@@ -19,6 +19,9 @@ DEFAULT_TENANT = "default"
 INVALID_TENANT = "_invalid"
 # Pseudo-tenant of the hub's own facts about shared infrastructure (not any tenant's).
 INFRA_TENANT = "_infra"
+# Pseudo-tenant of the hub's notices about itself that are not events of the log
+# (hub.events._hub.log_stalled: they must reach watchers while the log is down).
+HUB_TENANT = "_hub"
 
 
 def is_name(value: str) -> bool:

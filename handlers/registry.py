@@ -233,8 +233,11 @@ def _decide_heartbeat(state: RegistryState, hb: HeartbeatReceived) -> list[Event
         failing = sorted(k for k, v in hb.checks.items() if _check_failed(v))
         if failing:
             reason += f" (failing checks: {', '.join(failing[:5])})"
+    # A heartbeat stored before the change it answers was recorded (the timer judged the
+    # lease while it waited in ingress) takes effect now, not before: the instance's
+    # history stays in time order.
     change = health_change(inst, hb.status, reason, event_id=f"{hb.event_id}.health",
-                           ts=hb.ts, policy=state.policy)  # fmt: skip
+                           ts=max(hb.ts, inst.status_since), policy=state.policy)  # fmt: skip
     return [recorded, change]
 
 

@@ -9,13 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
-import nats
 import redis.asyncio as aioredis
 import structlog
 from nats.aio.client import Client
 
 from events.log import advance, merge_max
 from handlers import LivenessPolicy, RegistryState, evolve
+from hub import natsconn
 from hub.config import HubConfig
 from hub.eventlog.jetstream import JetStreamEventLog
 from hub.eventlog.kafka import KafkaEventLog
@@ -26,8 +26,11 @@ from hub.ingest import Ingest, ingress_first_seq
 from hub.metrics import Metrics
 from hub.progress import Progress
 from hub.queries import QueryService
+from hub.status import HubStatus
+from hub.supervise import supervise
 from hub.tail import LogTail
 from hub.views_process import ViewsProcess
+from hub.writer import Fenced, Holder, WriterLease
 from projections.port import Projection
 from projections.postgres import PostgresRegistryProjection
 from projections.redis import RedisRegistryProjection
@@ -99,12 +102,34 @@ async def rebuild_state(
     return state, end
 
 
-class Hub:
-    """The coordinator process."""
+EXIT_GAVE_UP = 1  # an internal task failed more often than its restart intensity allows
+EXIT_FENCED = 3  # another hub is the writer now
+# Restarting a failed internal task (hub.supervise): the first backoff and its cap.
+RESTART_FIRST_DELAY_S = 0.5
+RESTART_MAX_DELAY_S = 30.0
 
-    def __init__(self, config: HubConfig, *, clock: Callable[[], float] = time.time) -> None:
+
+class Hub:
+    """The coordinator process.
+
+    ``exit_code`` and ``exit_reason`` say why it stopped by itself: 0 (asked to),
+    ``EXIT_GAVE_UP`` or ``EXIT_FENCED``.
+    """
+
+    def __init__(
+        self,
+        config: HubConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_standby: Callable[[str], None] | None = None,
+    ) -> None:
         self.config = config
         self.clock = clock
+        self.on_standby = on_standby
+        self.exit_code = 0
+        self.exit_reason = ""
+        self.status = HubStatus(config.event_log, clock=clock)
+        self.lease: WriterLease | None = None
         self.metrics = Metrics()
         self.progress = Progress()
         self.tail = LogTail()  # the ingest loop's appends, handed to the projectors
@@ -131,9 +156,20 @@ class Hub:
         """
         c = self.config
         infra = monitored(c)
-        self.nc = await nats.connect(
-            servers=list(c.nats_urls), name="central-hub", max_reconnect_attempts=-1
-        )
+        self.nc = await natsconn.connect(
+            list(c.nats_urls), name="central-hub", max_reconnect_attempts=-1,
+            disconnected_cb=self._nats_disconnected, reconnected_cb=self._nats_reconnected,
+        )  # fmt: skip
+        self.status.nc = self.nc
+        # One writer per ingress stream: wait as a standby while another hub is it.
+        self.lease = WriterLease(self.nc, lease_s=c.writer_lease_s)
+        if not await self.lease.try_acquire():
+            self.status.role = "standby"
+            if not await self._standby(self.lease):
+                return  # stopped while waiting
+        self.status.role = "writer"
+        # Renewed from now on: folding a long log at start must not let the lease lapse.
+        self._spawn(self.lease.keep(self._stop, also=self._verify_consumer), "writer-lease")
         self.pool = await connect_postgres(c)
         self.redis = aioredis.Redis(
             host=c.redis_host, port=c.redis_port, password=c.redis_password or None,
@@ -152,20 +188,27 @@ class Hub:
         tune_for_serving()
         self.tail.reset(end)
         self.ingest = Ingest(self.nc, self.event_log, state, c, metrics=self.metrics,
-                             progress=self.progress, clock=self.clock, tail=self.tail)  # fmt: skip
+                             progress=self.progress, clock=self.clock, tail=self.tail,
+                             status=self.status, lease=self.lease)  # fmt: skip
         await self.ingest.setup()
         await self.progress.appended(state.ingress.floor, end)
         self.views = ViewsProcess(c, self.tail, progress=self.progress, metrics=self.metrics)
         await self.views.start()
-        self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics)
+        self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics,
+                                    status=self.status, status_details=self.details)  # fmt: skip
         # A connection of its own: a query must not queue behind the thousands of
         # ingress messages a fetch brings on the ingest's connection.
-        self.nc_queries = await nats.connect(
-            servers=list(c.nats_urls), name="central-hub-queries", max_reconnect_attempts=-1
+        self.nc_queries = await natsconn.connect(
+            list(c.nats_urls), name="central-hub-queries", max_reconnect_attempts=-1
         )
         await self.queries.start(self.nc_queries)
-        self._spawn(self.ingest.run(self._stop), "ingest")
         ingest = self.ingest
+        # Room to isolate one poison message (max_deliver failures on it alone, after
+        # its batch failed) before the failures count as the loop's own.
+        self._spawn(supervise("ingest", lambda: ingest.run(self._stop), stop=self._stop,
+                              recover=self._recover_ingest, on_failure=self.status.restarted,
+                              max_restarts=c.max_deliver + 5, first_delay=RESTART_FIRST_DELAY_S,
+                              max_delay=RESTART_MAX_DELAY_S), "ingest")  # fmt: skip
         self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
                                     recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
         await self.monitor.start()
@@ -176,10 +219,85 @@ class Hub:
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
 
+    async def _standby(self, lease: WriterLease) -> bool:
+        """Wait for the writer lease; False if the hub was stopped meanwhile."""
+
+        def waiting(holder: Holder | None) -> None:
+            who = holder.describe() if holder is not None else "another hub"
+            line = (
+                f"another hub is the writer of this ingress: {who}; waiting as a "
+                f"standby (taking over {lease.lease_s:g} s after its last renewal)"
+            )
+            log.warning("hub_standby", holder=who, lease_s=lease.lease_s)
+            if self.on_standby is not None:
+                self.on_standby(line)
+
+        acquire = asyncio.ensure_future(lease.acquire(waiting))
+        stop = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not acquire.done():
+            acquire.cancel()
+            return False
+        acquire.result()
+        log.info("hub_writer_after_standby")
+        if self.on_standby is not None:
+            self.on_standby("the writer lease is ours now: serving")
+        return True
+
+    async def _verify_consumer(self) -> None:
+        if self.ingest is not None:
+            await self.ingest.verify_consumer()
+
+    async def _recover_ingest(self) -> None:
+        """After the ingest loop failed: the state may hold decisions that were never
+        recorded, so fold it from the log again (and check the consumer is still ours)."""
+        assert self.ingest is not None and self.event_log is not None and self.nc is not None
+        await self.ingest.verify_consumer()
+        first_seq = await ingress_first_seq(self.nc)
+        state, _ = await rebuild_state(self.event_log, self.config.liveness,
+                                       ingress_first_seq=first_seq)  # fmt: skip
+        self.ingest.reset(state)
+
+    async def _nats_disconnected(self) -> None:
+        self.status.nats_disconnected()
+        log.warning("nats_disconnected")
+
+    async def _nats_reconnected(self) -> None:
+        self.status.nats_reconnected()
+        if self.ingest is not None:
+            self.ingest.reconnected()
+        log.warning("nats_reconnected")
+
+    async def details(self) -> dict[str, Any]:
+        """``hub.query.status``: the hub's own health, from memory (not the log)."""
+        out = self.status.snapshot()
+        out["ingested_seq"] = self.progress.ingested_seq
+        out["views"] = {
+            p.name: {"up_to_date": self.progress.up_to_date(p.name)} for p in self.projections
+        }
+        out["views_process_restarts"] = self.views.restarts if self.views is not None else 0
+        if self.lease is not None:
+            out["writer"] = {"id": self.lease.me.id, "lease_valid": self.lease.valid(),
+                             "lease_s": self.lease.lease_s}  # fmt: skip
+        if self.ingest is not None:
+            try:
+                out["ingress"] = await asyncio.wait_for(self.ingest.backlog(), 2)
+            except (Exception, TimeoutError) as exc:
+                out["ingress"] = {"error": repr(exc)}
+        return out
+
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("hub_task_died", task=task.get_name(), error=repr(task.exception()))
-            self._stop.set()
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        if isinstance(exc, Fenced):
+            self.exit_code, self.exit_reason = EXIT_FENCED, f"fenced: {exc}"
+            log.error("hub_fenced", task=task.get_name(), reason=str(exc))
+        elif not self._stop.is_set():
+            self.exit_code, self.exit_reason = EXIT_GAVE_UP, str(exc)
+            log.error("hub_task_died", task=task.get_name(), error=repr(exc))
+        self._stop.set()
 
     async def _drain(self, timeout: float) -> None:
         """Wait (bounded) until every projection has applied all that was appended."""
@@ -203,6 +321,7 @@ class Hub:
             return
         self._stopped = True
         self._stop.set()
+        self.status.role = "stopping"
         if self.monitor is not None:
             await self.monitor.stop()
         if self.queries is not None:
@@ -214,6 +333,8 @@ class Hub:
         if ingest:
             await asyncio.wait(ingest, timeout=5)
         await self._drain(timeout=5)
+        if self.lease is not None and self.exit_code != EXIT_FENCED:
+            await self.lease.release()  # a standby takes over at once
         if self.views is not None:
             await self.views.stop()
         # Cancel until done: a cancellation can be swallowed inside a client library

@@ -20,10 +20,16 @@ from hub.infra.config import InfraConfigError
 from hub.logs import configure
 
 
-async def _serve(config: HubConfig, started_message: str | None = None) -> None:
+async def _serve(config: HubConfig, started_message: str | None = None) -> int:
+    """Run the hub until a signal stops it (0) or it stops by itself: its exit code, with
+    one line on stderr saying why (1: an internal task kept failing; 3: fenced, another
+    hub is the writer now)."""
     from hub.app import Hub
 
-    hub = Hub(config)
+    def say(line: str) -> None:
+        print(f"hub: {line}", file=sys.stderr, flush=True)
+
+    hub = Hub(config, on_standby=say)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, hub._stop.set)
@@ -47,32 +53,24 @@ async def _serve(config: HubConfig, started_message: str | None = None) -> None:
         await hub.wait()
     finally:
         await hub.stop()
+    if hub.exit_code:
+        say(f"{hub.exit_reason}; stopping (exit {hub.exit_code})")
+    return hub.exit_code
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _configured()
     if config is None:
         return 2
-    asyncio.run(_serve(config))
-    return 0
+    return asyncio.run(_serve(config))
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from hub.stack import EmbeddedStack
+    from hub.stack.dev import run_dev
 
     configure("console")
-    data = Path(args.data).resolve()
-    data.mkdir(parents=True, exist_ok=True)
-    stack = EmbeddedStack(data, with_kafka=args.kafka)
-    print(f"hub dev: starting the embedded stack in {data} ...", flush=True)
-    with stack:
-        for name, where in stack.describe():
-            print(f"  {name:<24} {where}", flush=True)
-        config = HubConfig.from_env(stack.env())
-        print(f"  {'event log':<24} {config.event_log}", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(config, "hub dev: hub running; Ctrl-C stops everything"))
-    print("hub dev: stopped", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):  # a Ctrl-C before dev's own handlers
+        return run_dev(Path(args.data), with_kafka=args.kafka)
     return 0
 
 

@@ -47,6 +47,12 @@ ENV_VARS: dict[str, str] = {
     "HUB_VIEW_CACHE": "live instances each projection keeps in memory to fold batches "
     "without reading them back (0: none)",
     "HUB_INGEST_BATCH": "ingress messages fetched, decided and appended per batch (at most)",
+    "HUB_WRITER_LEASE_S": "the writer lease: a hub that has not renewed it for this long is no "
+    "longer the writer, and a standby takes over",
+    "HUB_MAX_DELIVER": "deliveries of one ingress message the hub failed on before it is "
+    "dead-lettered with INTERNAL_ERROR",
+    "HUB_LOG_STALL_S": "an append not done after this long is reported (log line, "
+    "hub.query.status, hub.events._hub.log_stalled)",
 }
 
 # Numeric settings read from the environment: variable -> (field, type, lower bound).
@@ -64,6 +70,9 @@ _NUMERIC: dict[str, tuple[str, type, float]] = {
     "HUB_INFRA_HISTORY_DAYS": ("infra_history_days", float, 0.0001),
     "HUB_VIEW_CACHE": ("view_cache", int, 0),
     "HUB_INGEST_BATCH": ("ingest_batch", int, 1),
+    "HUB_WRITER_LEASE_S": ("writer_lease_s", float, 0.5),
+    "HUB_MAX_DELIVER": ("max_deliver", int, 1),
+    "HUB_LOG_STALL_S": ("log_stall_s", float, 0.01),
 }
 
 
@@ -120,6 +129,14 @@ class HubConfig:
     infra_failures: int = LivenessPolicy.infra_failures_to_trip
     infra_history_days: float = 7.0
     view_cache: int = 50_000
+    # One writer per ingress stream (hub.writer): the lease's length. A hub that died
+    # without releasing it is replaced this long after its last renewal at the latest.
+    writer_lease_s: float = 10.0
+    # An ingress message delivered this often without being recorded (the hub failed on
+    # it each time) is dead-lettered with INTERNAL_ERROR instead of being tried again.
+    max_deliver: int = 5
+    # An append still not done after this long is reported as a stalled log.
+    log_stall_s: float = 2.0
 
     @property
     def liveness(self) -> LivenessPolicy:

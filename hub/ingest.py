@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 import nats.errors
 import nats.js.errors
@@ -38,7 +41,7 @@ from nats.js.api import (
 )
 
 from events.codec import encode_event
-from events.log import advance
+from events.log import LogRecord, advance
 from events.model import (
     WATCH_KIND,
     Event,
@@ -66,16 +69,19 @@ from events.wire import (
     derive_instance_id,
     parse_ingress,
 )
-from handlers import RegistryState, evolve, react, tick
+from handlers import RegistryState, decide, evolve, tick
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.metrics import Metrics
 from hub.progress import Progress
+from hub.status import HubStatus
 from hub.tail import LogTail
+from hub.writer import Fenced, WriterLease
 
 log = structlog.get_logger(__name__)
 
 EXCERPT_BYTES = 256
+INTERNAL_ERROR = "INTERNAL_ERROR"  # the reason code of a message the hub itself failed on
 YIELD_EVERY = 500  # messages decided between two turns of the event loop
 # Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats and
 # infrastructure check results (the bulk; a change they cause is announced as such).
@@ -177,7 +183,23 @@ _route = functools.lru_cache(maxsize=4096)(route)
 
 
 def classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float) -> Event:
-    """Turn one ingress message into its candidate event, or an InputRejected (pure)."""
+    """Turn one ingress message into its candidate event, or an InputRejected (pure).
+
+    Never raises: input that breaks the contract is rejected with its reason code,
+    and an exception of the hub's own code on this message (a bug) is logged loudly
+    and rejects the message with ``INTERNAL_ERROR``, so no message can stop the hub.
+    """
+    try:
+        return _classify(config, subject, payload, seq=seq, ts=ts)
+    except Exception as exc:
+        log.error("ingress_message_failed", seq=seq, subject=printable(subject),
+                  error=repr(exc), exc_info=True)  # fmt: skip
+        return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
+                        code=INTERNAL_ERROR, reason=f"the hub failed on this message "
+                        f"({type(exc).__name__}); see its log", payload=payload)  # fmt: skip
+
+
+def _classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float) -> Event:
     r = _route(subject)
     if r.tenant_error is not None:
         return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
@@ -194,9 +216,9 @@ def classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: f
     return to_event(msg, tenant=r.tenant, seq=seq, ts=ts)
 
 
-def ack_metadata(reply: str) -> tuple[int, float, int]:
-    """(stream sequence, timestamp, pending) of a JetStream message, from its reply
-    subject: what nats-py's ``Msg.metadata`` gives (the same timestamp, to the
+def ack_metadata(reply: str) -> tuple[int, float, int, int]:
+    """(stream sequence, timestamp, pending, deliveries) of a JetStream message, from its
+    reply subject: what nats-py's ``Msg.metadata`` gives (the same timestamp, to the
     microsecond), without building its objects for every message.
 
     Raises:
@@ -205,7 +227,8 @@ def ack_metadata(reply: str) -> tuple[int, float, int]:
     t = reply.split(".")
     if t[:2] != ["$JS", "ACK"] or len(t) not in (9, 11, 12):
         raise ValueError(f"not a JetStream reply subject: {reply!r}")
-    seq, ns, pending = (t[5], t[7], t[8]) if len(t) == 9 else (t[7], t[9], t[10])
+    delivered, seq, ns, pending = (t[4], t[5], t[7], t[8]) if len(t) == 9 else (
+        t[6], t[7], t[9], t[10])  # fmt: skip
     # datetime.fromtimestamp(s).timestamp() without the objects: whole seconds plus
     # microseconds rounded half to even, carried into the seconds at 1e6.
     frac, whole = math.modf(int(ns) / 1e9)
@@ -213,11 +236,14 @@ def ack_metadata(reply: str) -> tuple[int, float, int]:
     if micros >= 1_000_000:
         micros -= 1_000_000
         whole += 1.0
-    return int(seq), (int(whole) * 1_000_000 + micros) / 1_000_000, int(pending)
+    return int(seq), (int(whole) * 1_000_000 + micros) / 1_000_000, int(pending), int(delivered)
 
 
 # Counter names by event type (an f-string per message adds up).
 _COUNTERS = {t: f"ingress_{t.__name__}" for t in WATCH_KIND}
+
+
+BARRIER_UNKNOWN = sys.maxsize  # leases wait for an empty fetch: the backlog is not known
 
 
 class Ingest:
@@ -234,6 +260,8 @@ class Ingest:
         progress: Progress,
         clock: Callable[[], float] = time.time,
         tail: LogTail | None = None,
+        status: HubStatus | None = None,
+        lease: WriterLease | None = None,
     ) -> None:
         self._nc = nc
         self._tail = tail
@@ -244,14 +272,27 @@ class Ingest:
         self._metrics = metrics
         self._progress = progress
         self._clock = clock
+        self._status = status or HubStatus(event_log.name, clock=clock)
+        self._lease = lease
         self._batches = 0
-        # Leases run from the hub's start at the earliest (see liveness.lease_deadline).
-        self.started_at = clock()
+        # Leases run from the hub's start (or its NATS connection's return) at the earliest
+        # (see liveness.lease_deadline).
+        self.lease_floor = clock()
         self._last_tick = 0.0
         self._caught_up = False
+        # Leases are judged only once the state has recorded this ingress sequence: the
+        # backlog present when an append stalled (see _judge_after_backlog).
+        self.barrier: int | None = None
         self._internal: list[Event] = []  # candidates from inside the hub (monitor results)
+        self._consumer_created: datetime | None = None
+        self._prefetch: asyncio.Task[list[Msg] | None] | None = None
+        # A batch that failed (a bug): its messages, tried again one at a time after the
+        # state is folded again, so that a failure is put down to the one message it
+        # comes from; and how often each such message failed on its own.
+        self._retry: list[Msg] = []
+        self._failures: dict[int, int] = {}
 
-    async def setup(self) -> None:
+    async def setup(self, *, take_over: bool = True) -> None:
         """Create the ingress and dead-letter streams and the durable consumer."""
         await self._ensure_stream(ingress_stream_config(self._config))
         await self._ensure_stream(
@@ -264,16 +305,18 @@ class Ingest:
                 duplicate_window=600.0,
             )
         )
-        await self._take_over_consumer()
+        if take_over:
+            await self._take_over_consumer()
         await self._compact_ledger()
 
     async def _take_over_consumer(self) -> None:
         """Create the durable consumer, or take it over from a previous hub process.
 
         Messages a crashed hub had fetched but not acknowledged would otherwise be
-        held back until their ack wait expires. The hub is the single writer of its
-        ingress stream, so it recreates the consumer: with work-queue retention the
-        unacknowledged messages stay in the stream and come again at once, in order.
+        held back until their ack wait expires. This hub holds the writer lease (see
+        ``hub.writer``), so the previous holder is gone: it recreates the consumer, and
+        with work-queue retention the unacknowledged messages stay in the stream and
+        come again at once, in order.
         """
         config = ingress_consumer_config()
         try:
@@ -283,7 +326,33 @@ class Ingest:
         if info is not None and info.num_ack_pending:
             log.info("ingress_consumer_taken_over", unacknowledged=info.num_ack_pending)
             await self._js.delete_consumer(INGRESS_STREAM, INGRESS_CONSUMER)
-        await self._js.add_consumer(INGRESS_STREAM, config)
+        created = await self._js.add_consumer(INGRESS_STREAM, config)
+        self._consumer_created = created.created
+
+    async def verify_consumer(self) -> None:
+        """Raise ``Fenced`` if the durable consumer is no longer the one this hub made.
+
+        Replaced, it is another hub's (one that ignored the writer lease): what this hub
+        fetched is no longer its own to acknowledge. Deleted (by an operator, or a client
+        allowed to), it is made again: this hub holds the lease, so it is the only
+        consumer, and what was not acknowledged comes again (recorded messages are then
+        only acknowledged, see the ledger).
+        """
+        if self._consumer_created is None:
+            return  # not set up yet
+        try:
+            info = await self._js.consumer_info(INGRESS_STREAM, INGRESS_CONSUMER)
+        except nats.js.errors.NotFoundError:
+            log.warning("ingress_consumer_recreated", reason="it was deleted")
+            self._metrics.inc("ingress_consumer_recreated")
+            await self._take_over_consumer()
+            return
+        if info.created != self._consumer_created:
+            raise Fenced(
+                f"the ingress consumer {INGRESS_CONSUMER} was replaced (created "
+                f"{info.created.isoformat()}, this hub made it at "
+                f"{self._consumer_created.isoformat()}): another hub consumes this ingress"
+            )
 
     async def _ensure_stream(self, config: StreamConfig) -> None:
         try:
@@ -291,9 +360,25 @@ class Ingest:
         except nats.js.errors.BadRequestError:
             await self._js.update_stream(config)
 
+    def reset(self, state: RegistryState) -> None:
+        """Continue from ``state`` (folded from the log again after a failure): what was
+        decided but not recorded is forgotten, and comes again from ingress."""
+        self.state = state
+        self._caught_up = False
+        self.barrier = BARRIER_UNKNOWN
+
+    def reconnected(self) -> None:
+        """The NATS connection came back: services may not have reached NATS meanwhile,
+        so every lease runs from now at the earliest, and leases wait for what ingress
+        holds now."""
+        self.lease_floor = self._clock()
+        self._caught_up = False
+        self.barrier = BARRIER_UNKNOWN
+
     async def run(self, stop: asyncio.Event) -> None:
         sub = await self._js.pull_subscribe_bind(INGRESS_CONSUMER, stream=INGRESS_STREAM)
         tick_s = self._config.tick_s
+        await self._retry_one_by_one()
 
         async def fetch() -> list[Msg] | None:
             """The next batch; [] when nothing came within tick_s; None: connection closed."""
@@ -307,7 +392,7 @@ class Ingest:
         # The next batch is fetched while this one is decided and recorded (one fetch
         # at a time on the subscription, so batches still come in order). Stopping
         # waits for the fetch in flight (at most tick_s) and records what it brought.
-        pending = asyncio.create_task(fetch())
+        self._prefetch = pending = asyncio.create_task(fetch())
         try:
             while True:
                 msgs = await pending
@@ -315,11 +400,22 @@ class Ingest:
                     return
                 last_round = stop.is_set()
                 if not last_round:
-                    pending = asyncio.create_task(fetch())
+                    self._prefetch = pending = asyncio.create_task(fetch())
                 if msgs:
-                    await self.process(msgs)
+                    try:
+                        await self.process(msgs)
+                    except Fenced:
+                        raise
+                    except Exception:
+                        # Not recorded (a bug): keep this batch and the one fetched
+                        # meanwhile, to try one message at a time after the restart.
+                        self._retry = msgs + await self._take(None if last_round else pending)
+                        raise
                 else:
-                    self._caught_up = self._nc.is_connected  # nothing waiting in ingress
+                    # Nothing waiting in ingress: every backlog there was is recorded.
+                    self._caught_up = self._nc.is_connected
+                    if self._caught_up and self.barrier is not None:
+                        self._leases_resume()
                 if last_round:
                     return
                 if self._internal:
@@ -329,6 +425,36 @@ class Ingest:
         finally:
             if not pending.done():  # cancelled: what it fetches comes again (unacked)
                 pending.cancel()
+
+    async def _take(self, prefetch: asyncio.Task[list[Msg] | None] | None) -> list[Msg]:
+        """What the fetch in flight brings (bounded wait; its messages are not lost
+        otherwise, only delivered again after the ack wait)."""
+        if prefetch is None:
+            return []
+        try:
+            return await asyncio.wait_for(prefetch, self._config.tick_s + 5) or []
+        except (Exception, TimeoutError):
+            return []
+
+    async def _retry_one_by_one(self) -> None:
+        """Record the messages of a failed batch one at a time (see ``process``: one the
+        hub has failed on ``max_deliver`` times on its own is dead-lettered)."""
+        if not self._retry:
+            return
+        await self._keep_alive(self._retry)
+        log.warning("ingress_retrying_one_by_one", messages=len(self._retry))
+        while self._retry:
+            msg = self._retry[0]
+            try:
+                await self.process([msg])
+            except Fenced:
+                raise
+            except Exception:
+                seq = ack_metadata(msg.reply)[0]
+                self._failures[seq] = self._failures.get(seq, 0) + 1
+                raise
+            self._retry.pop(0)
+            self._failures.pop(ack_metadata(msg.reply)[0], None)
 
     def submit(self, candidate: Event) -> None:
         """Queue a candidate event from inside the hub (an infrastructure check result);
@@ -341,7 +467,15 @@ class Ingest:
         candidates, self._internal = self._internal, []
         recorded: list[Event] = []
         for candidate in candidates:
-            self.state, events = react(self.state, candidate, now)
+            try:
+                events = decide(self.state, candidate, now)
+            except Exception as exc:  # a bug: this result is lost, the next one comes
+                log.error("internal_decision_failed", candidate=type(candidate).__name__,
+                          error=repr(exc), exc_info=True)  # fmt: skip
+                self._metrics.inc("internal_decisions_failed")
+                continue
+            for e in events:
+                evolve(self.state, e)
             recorded.extend(events)
         if recorded:
             positions = await self._record(recorded, [])
@@ -353,10 +487,10 @@ class Ingest:
         """Take and record the lease timer's decisions due now."""
         now = self._clock()
         self._last_tick = now
-        judge = self._caught_up and self._nc.is_connected
+        judge = self._caught_up and self._nc.is_connected and self._backlog_recorded()
         if not judge:
             self._metrics.inc("lease_decisions_deferred_lagging")
-        decided = tick(self.state, now, lease_floor=self.started_at, judge_leases=judge)
+        decided = tick(self.state, now, lease_floor=self.lease_floor, judge_leases=judge)
         if not decided:
             return decided
         for e in decided:
@@ -367,6 +501,35 @@ class Ingest:
         await self._progress.appended(self.state.ingress.floor, positions)
         return decided
 
+    def _backlog_recorded(self) -> bool:
+        """Whether the state has recorded the backlog present when the barrier was set."""
+        if self.barrier is None:
+            return True
+        if self.state.ingress.high < self.barrier:
+            return False
+        self._leases_resume()
+        return True
+
+    def _leases_resume(self) -> None:
+        log.info("lease_decisions_resumed", barrier=self.barrier, recorded=self.state.ingress.high)
+        self.barrier = None
+
+    async def _judge_after_backlog(self) -> None:
+        """After a stalled append the backlog count the batch came with is stale: what
+        waited in ingress meanwhile (heartbeats among it) must be recorded before any
+        lease is judged, or the whole fleet looks silent."""
+        self._caught_up = False
+        try:
+            info = await self._js.stream_info(INGRESS_STREAM)
+            last = int(info.state.last_seq)
+        except Exception as exc:
+            log.info("ingress_stream_info_failed", error=repr(exc))
+            last = BARRIER_UNKNOWN
+        if self.barrier is None:
+            log.info("lease_decisions_wait_for_backlog", barrier=last,
+                     recorded=self.state.ingress.high)  # fmt: skip
+        self.barrier = max(self.barrier or 0, last)
+
     async def process(self, msgs: list[Msg]) -> None:
         """Record the events of one fetched batch, then acknowledge it."""
         now = self._clock()
@@ -376,17 +539,25 @@ class Ingest:
         counts: Counter[str] = Counter()
         seq = pending = 0
         ts = now
+        cap = self._config.max_deliver
         for i, msg in enumerate(msgs, 1):
             if i % YIELD_EVERY == 0:  # a large batch must not hold up the queries
                 await asyncio.sleep(0)
-            seq, ts, pending = ack_metadata(msg.reply)
+            seq, ts, pending, delivered = ack_metadata(msg.reply)
             max_seq = max(max_seq, seq)
             if self.state.ingress.seen(seq):
                 counts["ingress_redelivered_skipped"] += 1
                 continue
-            candidate = classify(self._config, msg.subject, msg.data or b"", seq=seq, ts=ts)
-            self.state, events = react(self.state, candidate, now)
+            # Failed on it alone before, in this process or (delivered again) another.
+            failed = self._failures.get(seq, 0) + delivered - 1
+            if failed >= cap:
+                candidate: Event = quarantined(self._config, msg.subject, msg.data or b"",
+                                               seq=seq, ts=ts, failed=failed)  # fmt: skip
+            else:
+                candidate = classify(self._config, msg.subject, msg.data or b"", seq=seq, ts=ts)
+            events = decide_ingress(self.state, candidate, now, msg.subject, msg.data or b"")
             for e in events:
+                evolve(self.state, e)
                 if type(e) is InputRejected:
                     dead.append(Rejection(e, msg.data or b""))
                     counts["ingress_rejected"] += 1
@@ -396,7 +567,7 @@ class Ingest:
             recorded.extend(events)
         for name, n in counts.items():
             self._metrics.inc(name, n)
-        positions = await self._record(recorded, dead)
+        positions = await self._record(recorded, dead, msgs)
         await self._announce(recorded)
         for i, msg in enumerate(msgs, 1):
             await msg.ack()
@@ -404,7 +575,8 @@ class Ingest:
                 await asyncio.sleep(0)
         # Caught up: nothing left in ingress, or what is left is recent (lease
         # decisions need the hub to have seen the latest heartbeats).
-        self._caught_up = pending == 0 or now - ts < self.state.policy.max_lag_s
+        if self.barrier is None:
+            self._caught_up = pending == 0 or now - ts < self.state.policy.max_lag_s
         self._batches += 1
         if self.state.ingress.above and (
             self._batches % 50 == 0 or len(self.state.ingress.above) > 10_000
@@ -423,25 +595,95 @@ class Ingest:
             return
         self.state.ingress.raise_floor(info.state.first_seq)
 
-    async def _record(self, recorded: list[Event], dead: list[Rejection]) -> dict[int, int]:
-        """Dead-letter, then append; retried until done (never re-decided)."""
-        delay = 0.1
-        while True:
-            try:
-                for d in dead:
-                    await self._dead_letter(d)
-                records = await self._log.append(recorded)
-                break
-            except Exception as exc:  # the log or NATS is down: wait, keep the decisions
-                log.warning("append_failed_retrying", error=repr(exc), events=len(recorded))
-                self._metrics.inc("append_retries")
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+    async def _record(
+        self, recorded: list[Event], dead: list[Rejection], inflight: list[Msg] | None = None
+    ) -> dict[int, int]:
+        """Dead-letter, then append; retried until done (never re-decided).
+
+        An append that fails, or has not completed after ``log_stall_s``, is reported
+        at once (``HubStatus.log_stalled``), and the messages it waits for are kept from
+        being delivered again meanwhile. One that took longer than the lag leases allow
+        (``max_lag_s``) makes leases wait for the backlog that built up meanwhile.
+        """
+        attempt = asyncio.ensure_future(self._append(recorded, dead))
+        began = time.monotonic()
+        stall_s = self._config.log_stall_s
+        keep_alive_every = (ingress_consumer_config().ack_wait or 30.0) / 3
+        kept_alive = time.monotonic()
+        troubled = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({attempt}, timeout=stall_s)
+                if done:
+                    break
+                troubled = True
+                await self._status.log_stalled(
+                    self._status.log_error or f"the append has not completed for {stall_s:g} s",
+                    waiting=len(recorded),
+                )
+                if time.monotonic() - kept_alive >= keep_alive_every:
+                    kept_alive = time.monotonic()
+                    await self._keep_alive(inflight or [])
+        finally:
+            if not attempt.done():
+                attempt.cancel()
+        records, failures = attempt.result()
+        if troubled or failures:
+            await self._status.log_recovered()
+        if troubled or failures or time.monotonic() - began > self.state.policy.max_lag_s:
+            await self._judge_after_backlog()
         self._metrics.inc("events_appended", len(recorded))
         positions = advance({}, records)
         if self._tail is not None:
             self._tail.publish(records, positions, complete=self._log.exclusive)
         return positions
+
+    async def _append(
+        self, recorded: list[Event], dead: list[Rejection]
+    ) -> tuple[list[LogRecord], int]:
+        """Dead letters then the append, retried with backoff; (records, failed tries).
+
+        Raises:
+            Fenced: this hub is no longer the writer (not retried).
+        """
+        delay = 0.1
+        failures = 0
+        while True:
+            if self._lease is not None and not self._lease.valid():
+                # Not (or no longer) the writer: another hub may be. Wait until the
+                # lease is renewed; the hub stops if it was taken over.
+                await self._status.log_stalled(
+                    "the writer lease is not renewed (NATS unreachable?)", waiting=len(recorded)
+                )
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                for d in dead:
+                    await self._dead_letter(d)
+                return await self._log.append(recorded), failures
+            except Fenced:
+                raise
+            except Exception as exc:  # the log or NATS is down: wait, keep the decisions
+                failures += 1
+                log.warning("append_failed_retrying", error=repr(exc), events=len(recorded))
+                self._metrics.inc("append_retries")
+                await self._status.log_stalled(repr(exc), waiting=len(recorded))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _keep_alive(self, msgs: list[Msg]) -> None:
+        """Tell JetStream the batch (and the one fetched meanwhile) is still being worked
+        on, so a long stall does not make it deliver them again."""
+        batches = [msgs]
+        prefetch = self._prefetch
+        if prefetch is not None and prefetch.done() and not prefetch.cancelled():
+            batches.append(prefetch.result() or [])
+        try:
+            for batch in batches:
+                for msg in batch:
+                    await msg.in_progress()
+        except Exception as exc:
+            log.info("ingress_keep_alive_failed", error=repr(exc))
 
     async def _dead_letter(self, d: Rejection) -> None:
         e = d.event
@@ -466,3 +708,56 @@ class Ingest:
             if type(e) in ANNOUNCED:
                 await self._nc.publish(watch_subject(e.tenant, WATCH_KIND[type(e)]),
                                        encode_event(e))  # fmt: skip
+
+    async def backlog(self) -> dict[str, Any]:
+        """What waits in ingress: messages not yet delivered, delivered but not
+        acknowledged, and the age of the oldest message (``hub.query.status``)."""
+        info = await self._js.consumer_info(INGRESS_STREAM, INGRESS_CONSUMER)
+        stream = await self._js.stream_info(INGRESS_STREAM)
+        oldest_age = 0.0
+        if stream.state.messages:
+            first = await self._js.get_msg(INGRESS_STREAM, seq=stream.state.first_seq, next=True)
+            if first.time is not None:
+                oldest_age = max(0.0, self._clock() - first.time.timestamp())
+        return {
+            "pending": info.num_pending or 0,
+            "ack_pending": info.num_ack_pending or 0,
+            "messages": stream.state.messages,
+            "oldest_age_s": round(oldest_age, 3),
+            "recorded_through": self.state.ingress.high,
+            "lease_decisions": "waiting for the backlog" if self.barrier is not None else "on",
+        }
+
+
+def quarantined(
+    config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float, failed: int
+) -> InputRejected:
+    """The rejection of a message the hub has failed on ``failed`` times (a bug): it is
+    dead-lettered, not tried again."""
+    r = _route(subject)
+    tenant = (
+        r.tenant if r.tenant_error is None and config.tenant_allowed(r.tenant) else INVALID_TENANT
+    )
+    log.error("ingress_message_quarantined", seq=seq, failed=failed,
+              subject=printable(subject))  # fmt: skip
+    return rejected(tenant=tenant, seq=seq, ts=ts, subject=subject, code=INTERNAL_ERROR,
+                    reason=f"the hub failed on this message {failed} times, so it is not tried "
+                    f"again (HUB_MAX_DELIVER={config.max_deliver}); see its log",
+                    payload=payload)  # fmt: skip
+
+
+def decide_ingress(
+    state: RegistryState, candidate: Event, now: float, subject: str, payload: bytes
+) -> list[Event]:
+    """What to record for one classified ingress message; an exception in the
+    decision (a bug) rejects this message with ``INTERNAL_ERROR`` instead of failing
+    the batch (``decide`` does not change the state, so nothing is half done)."""
+    try:
+        return decide(state, candidate, now)
+    except Exception as exc:
+        log.error("ingress_decision_failed", seq=candidate.ingress_seq, error=repr(exc),
+                  exc_info=True)  # fmt: skip
+        return [rejected(tenant=candidate.tenant, seq=candidate.ingress_seq, ts=candidate.ts,
+                         subject=subject, code=INTERNAL_ERROR,
+                         reason=f"the hub failed on this message ({type(exc).__name__}); "
+                         "see its log", payload=payload)]  # fmt: skip

@@ -31,6 +31,7 @@ from events.wire import (
     ServiceQuery,
     ServicesQuery,
     StandardResponse,
+    StatusQuery,
     WireError,
     encode_response,
     parse_query,
@@ -38,6 +39,7 @@ from events.wire import (
 from hub.config import HubConfig
 from hub.metrics import Metrics
 from hub.progress import Progress
+from hub.status import HubStatus
 from projections.redis_read import (
     aggregate,
     is_healthy,
@@ -70,8 +72,12 @@ class QueryService:
         *,
         progress: Progress,
         metrics: Metrics,
+        status: HubStatus | None = None,
+        status_details: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._redis = redis
+        self._status = status
+        self._status_details = status_details
         self._config = config
         self._progress = progress
         self._metrics = metrics
@@ -84,6 +90,7 @@ class QueryService:
             "instances": self._instances,
             "health": self._health,
             "infrastructure": self._infrastructure,
+            "status": self._hub_status,
         }
         self._round_robin: dict[tuple[str, ...], int] = {}
         self._random = random.Random()
@@ -155,6 +162,9 @@ class QueryService:
             response = StandardResponse(success=False, error_code="INTERNAL_ERROR",
                                         error_message=type(exc).__name__)  # fmt: skip
             self._metrics.inc("query_error:INTERNAL_ERROR")
+        note = self._status.degraded_note() if self._status is not None else None
+        if note is not None:
+            response.metadata = {**response.metadata, "degraded": note}
         response.correlation_id = correlation_id or uuid.uuid4().hex
         response.processing_time_ms = round((time.perf_counter() - started) * 1000, 3)
         return encode_response(response)
@@ -285,6 +295,20 @@ class QueryService:
         critical_down = [c["name"] for c in components
                          if c["critical"] and c["status"] == "UNHEALTHY"]  # fmt: skip
         data = {"components": components, "by_status": summary, "critical_unhealthy": critical_down}
+        return Answer(data, q.correlation_id)
+
+    async def _hub_status(self, tenant: str, payload: bytes) -> Answer:
+        """The hub's own health (any tenant may ask): ``HEALTHY`` or ``DEGRADED`` with the
+        problems, its role, the event log's writability, the ingress backlog. Answered
+        from memory, so it works while the log cannot be written."""
+        del tenant
+        q = parse_query(payload, StatusQuery)
+        if self._status_details is not None:
+            data = await self._status_details()
+        elif self._status is not None:
+            data = self._status.snapshot()
+        else:
+            data = {"status": "HEALTHY", "problems": []}
         return Answer(data, q.correlation_id)
 
     def _page(

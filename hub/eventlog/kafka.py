@@ -27,13 +27,14 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import ProducerFenced, TopicAlreadyExistsError
 from aiokafka.partitioner import murmur2
 
 from events.codec import encode_event
 from events.log import LogRecord, Positions
 from events.model import AnyEvent, Event, compaction_key, partition_key
 from hub.eventlog.port import decode_records
+from hub.writer import Fenced
 
 log = structlog.get_logger(__name__)
 
@@ -90,7 +91,11 @@ class KafkaEventLog:
         await self._ensure_topic()
         if self._read_only:
             return
-        self._producer = AIOKafkaProducer(
+        self._producer = self._new_producer()
+        await self._producer.start()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        return AIOKafkaProducer(
             bootstrap_servers=self._brokers,
             transactional_id=self._transactional_id,
             enable_idempotence=True,
@@ -99,7 +104,6 @@ class KafkaEventLog:
             max_batch_size=1024 * 1024,
             compression_type=None,
         )
-        await self._producer.start()
 
     async def _ensure_topic(self) -> None:
         admin = AIOKafkaAdminClient(bootstrap_servers=self._brokers)
@@ -142,27 +146,63 @@ class KafkaEventLog:
             self._producer = None
 
     async def append(self, events: Sequence[Event]) -> list[LogRecord]:
+        """One transaction per batch.
+
+        Raises:
+            Fenced: another producer with this log's transactional id (another hub) has
+                started since; this one can never write again.
+        """
         if not events:
             return []
         if self._producer is None:
             raise RuntimeError("KafkaEventLog: append on a read-only log, or before start()")
         async with self._lock:
-            async with self._producer.transaction():
-                futures = [
-                    await self._producer.send(
-                        self.topic,
-                        value=encode_event(e),
-                        key=self._record_key(e),
-                        partition=self.partition_of(e),
-                        headers=[("event_id", e.event_id.encode())],
-                    )
-                    for e in events
-                ]
-            out = []
-            for fut, e in zip(futures, events, strict=True):
-                md = await fut
-                out.append(LogRecord(md.partition, md.offset, cast(AnyEvent, e)))
-            return out
+            if self._producer._txn_manager.is_fatal_error():
+                await self._replace_producer()
+            try:
+                async with self._producer.transaction():
+                    futures = [
+                        await self._producer.send(
+                            self.topic,
+                            value=encode_event(e),
+                            key=self._record_key(e),
+                            partition=self.partition_of(e),
+                            headers=[("event_id", e.event_id.encode())],
+                        )
+                        for e in events
+                    ]
+                out = []
+                for fut, e in zip(futures, events, strict=True):
+                    md = await fut
+                    out.append(LogRecord(md.partition, md.offset, cast(AnyEvent, e)))
+                return out
+            except Exception as exc:
+                if _fenced(exc, self._producer):
+                    raise Fenced(
+                        f"the Kafka producer {self._transactional_id!r} was fenced: another "
+                        "hub started a producer with the same transactional id"
+                    ) from exc
+                raise
+
+    async def _replace_producer(self) -> None:
+        """A producer in a fatal state (not fenced: e.g. its sender failed while the broker
+        was away) never writes again; start another with the same transactional id, which
+        aborts whatever the old one left open."""
+        assert self._producer is not None
+        old = self._producer
+        sender = old._sender.sender_task
+        error = (
+            sender.exception()
+            if sender is not None and sender.done() and not sender.cancelled()
+            else None
+        )
+        if isinstance(error, ProducerFenced):
+            raise Fenced(f"the Kafka producer {self._transactional_id!r} was fenced") from error
+        log.warning("kafka_producer_replaced", error=repr(error))
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(old.stop(), 10)
+        self._producer = self._new_producer()
+        await self._producer.start()
 
     def partition_of(self, event: Event) -> int:
         """The partition of ``event``: by its instance, as Kafka's default partitioner
@@ -222,3 +262,24 @@ class KafkaEventLog:
     @staticmethod
     async def _reached(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> bool:
         return bool(await consumer.position(tp) >= end)
+
+
+def _fenced(exc: BaseException, producer: AIOKafkaProducer) -> bool:
+    """Whether ``exc`` (or the producer's fatal state) says another producer fenced it."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ProducerFenced):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return bool(producer._txn_manager.is_fatal_error()) and isinstance(
+        _sender_error(producer), ProducerFenced
+    )
+
+
+def _sender_error(producer: AIOKafkaProducer) -> BaseException | None:
+    """What ended the producer's sender task (None: it runs)."""
+    task = producer._sender.sender_task
+    if task is None or not task.done() or task.cancelled():
+        return None
+    error: BaseException | None = task.exception()
+    return error

@@ -13,9 +13,9 @@ SEQ = st.integers(1, 2**63 - 1)
 NANOS = st.integers(0, 4_000_000_000 * 10**9)  # up to the year 2096
 
 
-def _nats_py(reply: str) -> tuple[int, float, int]:
+def _nats_py(reply: str) -> tuple[int, float, int, int]:
     md = Msg(_client=None, subject="hub.heartbeat", reply=reply).metadata  # type: ignore[arg-type]
-    return md.sequence.stream, md.timestamp.timestamp(), md.num_pending
+    return md.sequence.stream, md.timestamp.timestamp(), md.num_pending, md.num_delivered
 
 
 @given(seq=SEQ, consumer_seq=SEQ, ns=NANOS, pending=st.integers(0, 2**40),
@@ -27,7 +27,11 @@ def test_both_reply_forms_parse_as_nats_py_parses_them(
     v2 = (f"$JS.ACK._.ACCHASH.HUB_INGRESS.hub-ingest.{delivered}.{seq}.{consumer_seq}.{ns}"
           f".{pending}" + (".r4nd0m" if token else ""))  # fmt: skip
     for reply in (v1, v2):
-        assert ack_metadata(reply) == _nats_py(reply) == (seq, ack_metadata(reply)[1], pending)
+        assert (
+            ack_metadata(reply)
+            == _nats_py(reply)
+            == (seq, ack_metadata(reply)[1], pending, delivered)
+        )
 
 
 @pytest.mark.parametrize("reply", ["", "hub.heartbeat", "$JS.ACK.a.b.c", "_INBOX.x.y.z.1.2.3.4.5"])

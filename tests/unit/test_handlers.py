@@ -145,3 +145,22 @@ def test_ledger_floor_rises_past_sequences_gone_from_the_stream():
     ledger.add(5)
     ledger.raise_floor(5)
     assert (ledger.floor, ledger.above) == (5, set())
+
+
+def test_a_change_answering_a_later_recorded_critical_is_not_dated_before_it():
+    """A heartbeat stored before the timer recorded its instance critical (it waited in
+    ingress) records the recovery at the critical's time, not before it: the instance's
+    health history stays in time order."""
+    from events.model import InstanceHealthChanged
+
+    critical = InstanceHealthChanged(
+        event_id="hub-lapsed", tenant="default", ts=140.0, service_name="orders",
+        instance_id="orders-1", previous="healthy", status="critical", reason="silent",
+    )  # fmt: skip
+    state = fold([registered(1), critical])
+    _, out = react(state, heartbeat(2, ts=139.5), now=141.0)
+    change = out[1]
+    assert isinstance(change, InstanceHealthChanged)
+    assert (change.previous, change.status, change.ts) == ("critical", "healthy", 140.0)
+    _, out = react(fold([registered(1), critical]), heartbeat(3, ts=150.0), now=151.0)
+    assert out[1].ts == 150.0  # a later heartbeat keeps its own time
