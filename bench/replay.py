@@ -492,6 +492,7 @@ async def bench(
         postgres_port=pg.port,
         postgres_db=db,
         postgres_user=pg.user,
+        postgres_password=pg.password,
         redis_host=valkey.host,
         redis_port=valkey.port,
     )

@@ -8,6 +8,9 @@ Orphans: a child spawned from the main thread gets ``PR_SET_PDEATHSIG(SIGKILL)``
 kernel kills it if this process dies without running its ``atexit`` hooks. Linux sends
 that signal when the *thread* that forked the child exits, so it is only set for children
 spawned from the main thread; children spawned from other threads rely on ``atexit``.
+
+Restarts: ``poll()`` reaps a server that exited by itself and ``restart()`` starts it again
+on the same port and data folder (``hub dev`` does both, from the main thread).
 """
 
 from __future__ import annotations
@@ -143,6 +146,24 @@ def owns_listening_port(pid: int, port: int) -> bool | None:
     return False
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going while read
+        return False
+    except OSError:  # no /proc here: ask the kernel (a zombie then counts as alive)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    # The state follows the command name, which is in parentheses and may contain any.
+    return stat_line.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 try:
     # Loaded before any fork: dlopen() in a forked child of a threaded parent may deadlock.
     _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
@@ -228,6 +249,14 @@ class ManagedProcess(abc.ABC):
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
 
+    def poll(self) -> int | None:
+        """The exit code once the process has exited (reaping it), else None.
+
+        None as well before the first ``spawn()``. A negative code -N means signal N.
+        """
+        proc = self._proc
+        return None if proc is None else proc.poll()
+
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._prepare()
@@ -254,7 +283,10 @@ class ManagedProcess(abc.ABC):
             self._spawned_at = time.monotonic()
             log.debug("stack.spawned", server=self.name, pid=self._proc.pid, port=self.port)
 
-    def wait_ready(self, timeout: float | None = None) -> None:
+    def wait_ready(
+        self, timeout: float | None = None, *, cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        """Block until the server answers; ``cancelled()`` turning true gives up early."""
         timeout = self.start_timeout if timeout is None else timeout
         proc = self._proc
         if proc is None:
@@ -263,6 +295,8 @@ class ManagedProcess(abc.ABC):
         while True:
             if proc.poll() is not None:
                 self._fail(f"exited with code {proc.returncode} while starting")
+            if cancelled is not None and cancelled():
+                self._fail("start cancelled")
             try:
                 if owns_listening_port(proc.pid, self.port) is not False and self._ready():
                     break
@@ -288,6 +322,30 @@ class ManagedProcess(abc.ABC):
         self.spawn()
         self.wait_ready(timeout)
         return self
+
+    def restart(
+        self, timeout: float | None = None, *, cancelled: Callable[[], bool] | None = None
+    ) -> None:
+        """Start the server again, on the same port and data folder, after it exited.
+
+        The old process is reaped first and its log kept as ``<log>.1``. Blocks until the
+        server answers, like ``start()``; call it from the main thread (PDEATHSIG, see the
+        module docstring). Raises :class:`StackError` if the process is still running.
+        """
+        with self._lock:
+            old = self._proc
+            if old is not None and old.poll() is None:
+                raise StackError(f"{self.name}: restart() while pid {old.pid} still runs")
+        if self.log_path.exists():
+            self.log_path.replace(self.log_path.with_name(self.log_path.name + ".1"))
+        self._start_again(None if old is None else old.pid, timeout, cancelled)
+
+    def _start_again(
+        self, old_pid: int | None, timeout: float | None, cancelled: Callable[[], bool] | None
+    ) -> None:
+        """``restart()``'s spawn and wait; ``old_pid`` is the reaped process (None: none)."""
+        self.spawn()
+        self.wait_ready(timeout, cancelled=cancelled)
 
     def stop(self) -> None:
         """Stop the server (signal, wait, then SIGKILL). Idempotent."""

@@ -88,7 +88,7 @@ class EmbeddedStack:
             "POSTGRES_PORT": str(self.postgres.port),
             "POSTGRES_DB": DATABASE,
             "POSTGRES_USER": self.postgres.user,
-            "POSTGRES_PASSWORD": "",
+            "POSTGRES_PASSWORD": self.postgres.password,
             "DRAGONFLY_HOST": self.redis.host,
             "DRAGONFLY_PORT": str(self.redis.port),
             "DRAGONFLY_PASSWORD": "",

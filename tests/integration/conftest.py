@@ -55,6 +55,7 @@ def hub_config(
         postgres_port=postgres_server.port,
         postgres_db=pg_database,
         postgres_user=postgres_server.user,
+        postgres_password=postgres_server.password,
         redis_host=redis_server.host,
         redis_port=redis_server.port,
         event_log=kind,
@@ -185,3 +186,45 @@ class HubProcess:
 
     def tail(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+
+# --- processes, read from /proc ------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going while read
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def reaped(pid: int) -> bool:
+    """Whether ``pid`` is gone altogether: exited and waited for by its parent."""
+    return not Path(f"/proc/{pid}").exists()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def child_running(parent: int, marker: str) -> int | None:
+    """The live child of ``parent`` whose command line contains ``marker``."""
+    for pid in children(parent):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmdline and alive(pid):
+            return pid
+    return None

@@ -6,34 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
 
 import msgspec
 
-from tests.integration.conftest import HubProcess, eventually, query, query_all
+from tests.integration.conftest import HubProcess, alive, children, eventually, query, query_all
 from tests.integration.test_replay import hub_cli, live_traffic
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie, exited but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry.name))
-    return out
 
 
 async def heartbeats(nc, n: int, *, status: str = "healthy") -> int:
@@ -78,7 +55,9 @@ async def test_a_killed_views_process_is_replaced_and_misses_nothing(start_hub, 
     last = await heartbeats(nc, 600, status="degraded")
     reg = {"service_name": "svc-new", "instance_id": "late", "host": "10.0.0.9", "port": 9}
     ack = await nc.jetstream().publish("hub.register", msgspec.json.encode(reg))
-    await eventually(lambda: hub.views.restarts == 1 and hub.views.pid not in (None, first))
+    await eventually(
+        lambda: hub.views.restarts == 1 and hub.views.pid not in (None, first), timeout=60
+    )
     assert not alive(first)
     assert hub.metrics.get("views_process_restarts") == 1
     await views_reflect(hub, max(last, ack.seq))
@@ -153,7 +132,7 @@ async def test_a_views_process_that_cannot_be_started_is_tried_again(
     first = hub.views.pid
     os.kill(first, signal.SIGKILL)
     last = await heartbeats(nc, 300, status="unhealthy")
-    await eventually(lambda: len(attempts) == 2 and hub.views.pid not in (None, first), timeout=30)
+    await eventually(lambda: len(attempts) == 2 and hub.views.pid not in (None, first), timeout=60)
     await views_reflect(hub, last)
     svc2 = await query(nc, "hub.query.instances", {"service_name": "svc-2"})
     assert {i["reported_status"] for i in svc2["data"]} == {"unhealthy"}, svc2
@@ -171,13 +150,17 @@ async def test_appends_made_while_the_views_process_starts_reach_it_whole(
 
     checked = component("cache", hub_config.redis_port, "tcp", 0.1)
     path = write_yaml(tmp_path / "infra.yaml", databases=[checked])
-    hub = await start_hub(infra_config=path, infra_self=False)
-    await eventually(lambda: hub.monitor.scheduler.checks >= 10, timeout=30)
-    await eventually(lambda: all(hub.progress.up_to_date(p.name) for p in hub.projections))
-    first = await pg.fetchval("SELECT event_id FROM infra_history WHERE component = 'cache'"
-                              " ORDER BY ts LIMIT 1")  # fmt: skip
-    assert first is not None and first.endswith(".status")
-    journal = {r["event_id"] for r in await pg.fetch(
-        "SELECT event_id FROM infra_checks WHERE component = 'cache'")}  # fmt: skip
-    assert first.removesuffix(".status") in journal
-    assert len(journal) >= 5, journal
+    await start_hub(infra_config=path, infra_self=False)
+
+    async def applied() -> tuple[str, set[str]] | None:
+        """The first status change and the journal, once PostgreSQL has five results
+        (the log applied in order: the change, which came first, is there too)."""
+        first = await pg.fetchval("SELECT event_id FROM infra_history"
+                                  " WHERE component = 'cache' ORDER BY ts LIMIT 1")  # fmt: skip
+        journal = {r["event_id"] for r in await pg.fetch(
+            "SELECT event_id FROM infra_checks WHERE component = 'cache'")}  # fmt: skip
+        return (first, journal) if first is not None and len(journal) >= 5 else None
+
+    first, journal = await eventually(applied, timeout=60)
+    assert first.endswith(".status")
+    assert first.removesuffix(".status") in journal, (first, journal)

@@ -49,3 +49,15 @@ def test_hub_points_at_services_defined_in_the_file():
     hosts = {env["POSTGRES_HOST"], env["DRAGONFLY_HOST"], env["KAFKA_BROKERS"].split(":")[0]}
     hosts |= {u.split("//")[1].split(":")[0] for u in env["NATS_URL"].split(",")}
     assert hosts <= set(doc["services"])
+
+
+def test_every_service_has_a_restart_policy():
+    """Every service is long-running: each one (also through the NATS anchor) is restarted
+    when it exits (unless-stopped, always or on-failure), never left down ('no')."""
+    services = load()["services"]
+    policies = {name: service.get("restart") for name, service in services.items()}
+    missing = sorted(name for name, policy in policies.items() if policy is None)
+    assert not missing, f"services without a restart policy: {missing}"
+    allowed = {"unless-stopped", "always", "on-failure"}
+    wrong = {n: p for n, p in policies.items() if str(p).split(":")[0] not in allowed}
+    assert not wrong, f"restart policies that leave a service down: {wrong}"
