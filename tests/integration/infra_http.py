@@ -1,8 +1,9 @@
 """Small real servers on 127.0.0.1 for the infrastructure checks' tests.
 
 ``StubHttpServer`` speaks just enough HTTP/1.1 (one request per connection) to answer
-with a chosen status and body, after a delay, or never; ``silent_server`` accepts
-connections and says nothing, which is what a hung server looks like to any client.
+with a chosen status and body, after a delay, once a gate opens, or never;
+``silent_server`` accepts connections and says nothing, which is what a hung server
+looks like to any client.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class Reply:
-    """What the stub answers: ``hang`` keeps the connection open without a response."""
+    """What the stub answers: ``hang`` keeps the connection open without a response;
+    ``gate`` holds the answer until the event is set."""
 
     status: int = 200
     body: bytes = b'{"status": "ok"}'
     delay: float = 0.0
     hang: bool = False
     headers: tuple[tuple[str, str], ...] = ()
+    gate: asyncio.Event | None = None
 
 
 @dataclass
@@ -65,6 +68,8 @@ class StubHttpServer:
             if reply.hang:
                 await reader.read()  # until the client gives up
                 return
+            if reply.gate is not None:
+                await reply.gate.wait()
             await asyncio.sleep(reply.delay)
             writer.write(_response(reply))
             await writer.drain()

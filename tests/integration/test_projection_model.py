@@ -56,6 +56,7 @@ from projections.render import (
     expected_redis,
     fold_view,
 )
+from tests.integration.conftest import eventually
 
 PARTITIONS = 2
 KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
@@ -418,11 +419,11 @@ def _log(*events: Event) -> list[LogRecord]:
 
 
 async def _wait_until(check, what: str) -> None:
-    for _ in range(500):
-        if await check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"never happened: {what}")
+    """Poll ``check`` until it holds (a generous deadline: a hang guard, not a speed target)."""
+    try:
+        await eventually(check, timeout=30.0, interval=0.01)
+    except AssertionError:
+        raise AssertionError(f"never happened: {what}") from None
 
 
 async def _kill(task: asyncio.Task) -> None:

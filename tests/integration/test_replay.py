@@ -7,10 +7,16 @@ import os
 import re
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 
 from tests.integration.conftest import ROOT, eventually, query
+
+# A lease no test outlasts (the default TTL is 3 x 10 s heartbeats).
+LONG_TTL_S = 3600.0
 
 
 def hub_cli(config, *args: str) -> subprocess.CompletedProcess[str]:
@@ -29,6 +35,25 @@ async def hub_cli_async(config, *args: str) -> tuple[int, str]:
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     return proc.returncode or 0, out.decode()
+
+
+async def eventually_equal(
+    read: Callable[[], Awaitable[Any]], expected: Any, *, timeout: float = 30.0
+) -> Any:
+    """Read a view until it shows ``expected``, then return it; after ``timeout`` (a hang
+    guard, not a speed target) fail with the last value read, compared to ``expected``.
+
+    For a view read after a push or a CLI step: the views follow the log in processes
+    of their own, so they may lag what was pushed; a wrong view never converges.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await read()
+        if got == expected or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+    assert got == expected
+    return got
 
 
 def checksums(out: str) -> dict[str, str]:
@@ -65,12 +90,16 @@ async def replay_reproduces_the_views(hub, config, pg, rds) -> dict[str, str]:
 
 
 async def live_traffic(nc) -> int:
-    """Registrations, heartbeats, deregistrations, a re-registration and bad input."""
+    """Registrations, heartbeats, deregistrations, a re-registration and bad input.
+
+    With a TTL no test outlasts: the lease timer must not change the views while a test
+    compares them (the default, 30 s, is within reach of a slow run of `hub` commands)."""
     js = nc.jetstream()
     futures = []
     for i in range(30):
         reg = {"service_name": f"svc-{i % 3}", "instance_id": f"i-{i}", "host": "10.0.0.1",
-               "port": 2000 + i, "version": f"1.{i % 2}", "metadata": {"n": i}}  # fmt: skip
+               "port": 2000 + i, "version": f"1.{i % 2}", "metadata": {"n": i},
+               "ttl_s": LONG_TTL_S}  # fmt: skip
         futures.append(await js.publish_async("hub.register", msgspec.json.encode(reg)))
     for round_ in range(3):
         for i in range(30):
@@ -81,12 +110,9 @@ async def live_traffic(nc) -> int:
     for i in range(0, 30, 6):
         d = {"service_name": f"svc-{i % 3}", "instance_id": f"i-{i}"}
         futures.append(await js.publish_async("hub.deregister", msgspec.json.encode(d)))
-    futures.append(
-        await js.publish_async(
-            "hub.register",
-            b'{"service_name":"svc-0","instance_id":"i-0","host":"10.0.0.2","port":1}',
-        )
-    )
+    again = {"service_name": "svc-0", "instance_id": "i-0", "host": "10.0.0.2", "port": 1,
+             "ttl_s": LONG_TTL_S}  # fmt: skip
+    futures.append(await js.publish_async("hub.register", msgspec.json.encode(again)))
     futures.append(await js.publish_async("hub.register.acme", b"{broken"))
     futures.append(
         await js.publish_async("hub.heartbeat", b'{"service_name":"x","instance_id":"y"}')
