@@ -260,6 +260,8 @@ class Hub:
         self.ingest.reset(state)
 
     async def _nats_disconnected(self) -> None:
+        if self._stopped:  # our own close
+            return
         self.status.nats_disconnected()
         log.warning("nats_disconnected")
 
