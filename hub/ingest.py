@@ -628,8 +628,7 @@ class Ingest:
             if not attempt.done():
                 attempt.cancel()
         records, failures = attempt.result()
-        if troubled or failures:
-            await self._status.log_recovered()
+        await self._status.log_recovered()  # (if it had been said to stall)
         if troubled or failures or time.monotonic() - began > self.state.policy.max_lag_s:
             await self._judge_after_backlog()
         self._metrics.inc("events_appended", len(recorded))
@@ -641,7 +640,8 @@ class Ingest:
     async def _append(
         self, recorded: list[Event], dead: list[Rejection]
     ) -> tuple[list[LogRecord], int]:
-        """Dead letters then the append, retried with backoff; (records, failed tries).
+        """Dead letters then the append, retried with backoff; (records, failed tries or
+        waits for the writer lease).
 
         Raises:
             Fenced: this hub is no longer the writer (not retried).
@@ -652,6 +652,7 @@ class Ingest:
             if self._lease is not None and not self._lease.valid():
                 # Not (or no longer) the writer: another hub may be. Wait until the
                 # lease is renewed; the hub stops if it was taken over.
+                failures += 1
                 await self._status.log_stalled(
                     "the writer lease is not renewed (NATS unreachable?)", waiting=len(recorded)
                 )

@@ -234,7 +234,9 @@ async def test_a_nats_outage_longer_than_the_ttl_raises_no_false_criticals(
     import nats
 
     ttl_s = 8.0
-    hub = await start_hub(infra_self=False)
+    # The writer lease lapses during the outage (2 s < 11 s), so the hub must also take
+    # it again, and an append may find it lapsed before it is renewed.
+    hub = await start_hub(infra_self=False, writer_lease_s=2.0)
     fleet_nc = await nats.connect(nats_server.url, reconnect_time_wait=3,
                                   max_reconnect_attempts=-1)  # fmt: skip
     fleet = Fleet(fleet_nc, ttl_s=ttl_s)

@@ -188,3 +188,18 @@ async def _gone(kv) -> bool:
     except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
         return True
     return False
+
+
+async def test_appends_wait_while_the_lease_is_lapsed_and_the_hub_says_so(start_hub, nc):
+    """Not renewed for a whole lease (as after a NATS outage), the writer appends nothing
+    and reports its log as stalled; renewed, it records what waited and is HEALTHY again
+    (the stall it reported is cleared, not left behind)."""
+    hub = await start_hub(writer_lease_s=5.0)
+    hub.lease._valid_until = 0.0  # lapsed: the next renewal (within 1 s) restores it
+    seq = await register(nc, "during-the-lapse")
+    await eventually(lambda: hub.status.log_stalled_since is not None, timeout=30)
+    assert "writer lease" in (hub.status.log_error or "")
+    await eventually(lambda: served(nc, "during-the-lapse", seq), timeout=30)
+    await eventually(lambda: hub.status.status == "HEALTHY", timeout=30)
+    reply = await query(nc, "hub.query.status", {})
+    assert reply["data"]["status"] == "HEALTHY", reply
