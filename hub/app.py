@@ -1,9 +1,11 @@
-"""Wiring of the hub process: connections, event log, projections, ingest, queries."""
+"""Wiring of the hub process: connections, event log, projections, ingest, and the
+processes it supervises (views, query servers)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,8 +26,8 @@ from hub.gcpause import gc_paused, tune_for_serving
 from hub.infra.monitor import InfraMonitor, monitored
 from hub.ingest import Ingest, ingress_first_seq
 from hub.metrics import Metrics
-from hub.progress import Progress
-from hub.queries import QueryService
+from hub.progress import Progress, ProgressFeed
+from hub.query_server import QueryServers
 from hub.status import HubStatus
 from hub.supervise import supervise
 from hub.tail import LogTail
@@ -135,12 +137,13 @@ class Hub:
         self.tail = LogTail()  # the ingest loop's appends, handed to the projectors
         self.views: ViewsProcess | None = None  # the process that runs the projectors
         self.nc: Client | None = None
-        self.nc_queries: Client | None = None  # queries' own connection, see start()
+        self.nc_feed: Client | None = None  # the progress feed's own connection, see start()
         self.pool: asyncpg.Pool | None = None
         self.redis: aioredis.Redis | None = None
         self.event_log: EventLog | None = None
         self.ingest: Ingest | None = None
-        self.queries: QueryService | None = None
+        self.feed: ProgressFeed | None = None  # progress and status for the query servers
+        self.query_servers: QueryServers | None = None  # the processes answering hub.query.*
         self.monitor: InfraMonitor | None = None
         self.projections: list[Projection] = []
         self._tasks: list[asyncio.Task[Any]] = []
@@ -194,14 +197,19 @@ class Hub:
         await self.progress.appended(state.ingress.floor, end)
         self.views = ViewsProcess(c, self.tail, progress=self.progress, metrics=self.metrics)
         await self.views.start()
-        self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics,
-                                    status=self.status, status_details=self.details)  # fmt: skip
-        # A connection of its own: a query must not queue behind the thousands of
-        # ingress messages a fetch brings on the ingest's connection.
-        self.nc_queries = await natsconn.connect(
-            list(c.nats_urls), name="central-hub-queries", max_reconnect_attempts=-1
+        # hub.query.* is answered by query-server processes, fed with the progress (for
+        # min_seq) and the status from here. The feed has a connection of its own: a
+        # history request must not queue behind the thousands of ingress messages a
+        # fetch brings on the ingest's connection.
+        self.nc_feed = await natsconn.connect(
+            list(c.nats_urls), name="central-hub-feed", max_reconnect_attempts=-1
         )
-        await self.queries.start(self.nc_queries)
+        self.feed = ProgressFeed(self.progress, hub_id=self.lease.me.id, status=self.details,
+                                 degraded=self.status.degraded_note)  # fmt: skip
+        await self.feed.start(self.nc_feed)
+        self.query_servers = QueryServers(c, metrics=self.metrics,
+                                          on_restart=self.status.restarted)  # fmt: skip
+        await self.query_servers.start()
         ingest = self.ingest
         # Room to isolate one poison message (max_deliver failures on it alone, after
         # its batch failed) before the failures count as the loop's own.
@@ -212,7 +220,9 @@ class Hub:
         self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
                                     recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
         await self.monitor.start()
-        log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls))
+        await self.query_servers.ready()
+        log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls),
+                 query_servers=self.query_servers.pids)  # fmt: skip
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.create_task(coro, name=name)
@@ -271,22 +281,36 @@ class Hub:
             self.ingest.reconnected()
         log.warning("nats_reconnected")
 
-    async def details(self) -> dict[str, Any]:
-        """``hub.query.status``: the hub's own health, from memory (not the log)."""
+    def details(self) -> dict[str, Any]:
+        """The hub's own health, from memory (not the log): sent to the query servers in
+        the progress feed, which answer ``hub.query.status`` with it (adding the ingress
+        backlog, which they read from JetStream themselves)."""
         out = self.status.snapshot()
+        out["pid"] = os.getpid()
         out["ingested_seq"] = self.progress.ingested_seq
+        # Each view: caught up with the log, and how often its projector found it lost
+        # (wiped, truncated, restarted empty) and rebuilt it from the log.
         out["views"] = {
-            p.name: {"up_to_date": self.progress.up_to_date(p.name)} for p in self.projections
+            p.name: {
+                "up_to_date": self.progress.up_to_date(p.name),
+                "lost": self.metrics.get(f"view_lost:{p.name}"),
+                "rebuilt": self.metrics.get(f"view_rebuilds:{p.name}"),
+            }
+            for p in self.projections
         }
         out["views_process_restarts"] = self.views.restarts if self.views is not None else 0
+        if self.query_servers is not None:
+            out["query_servers"] = self.query_servers.describe()
+            out["query_server_restarts"] = self.query_servers.restarts
         if self.lease is not None:
             out["writer"] = {"id": self.lease.me.id, "lease_valid": self.lease.valid(),
                              "lease_s": self.lease.lease_s}  # fmt: skip
         if self.ingest is not None:
-            try:
-                out["ingress"] = await asyncio.wait_for(self.ingest.backlog(), 2)
-            except (Exception, TimeoutError) as exc:
-                out["ingress"] = {"error": repr(exc)}
+            out["ingress"] = {
+                "recorded_through": self.ingest.state.ingress.high,
+                "lease_decisions": "waiting for the backlog"
+                if self.ingest.barrier is not None else "on",
+            }  # fmt: skip
         return out
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
@@ -326,8 +350,10 @@ class Hub:
         self.status.role = "stopping"
         if self.monitor is not None:
             await self.monitor.stop()
-        if self.queries is not None:
-            await self.queries.stop()
+        if self.query_servers is not None:
+            await self.query_servers.stop()
+        if self.feed is not None:
+            await self.feed.stop()
         # Graceful: the ingest loop ends at its next turn (nothing more is decided), then
         # the projectors get a moment to apply what was recorded, so the views are not
         # left behind the log.
@@ -354,7 +380,7 @@ class Hub:
                 await asyncio.wait_for(self.event_log.close(), timeout=10)
             except TimeoutError:
                 log.warning("event_log_close_timed_out")
-        for nc in (self.nc_queries, self.nc):
+        for nc in (self.nc_feed, self.nc):
             if nc is not None and not nc.is_closed:
                 # Everything that reads has been cancelled; flush what was written (acks,
                 # replies) and close. (drain() waits out pull subscriptions: 30 s.)

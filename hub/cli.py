@@ -1,6 +1,9 @@
 """The ``hub`` command line.
 
 * ``hub run``  — the hub, configured from the environment (twelve-factor).
+* ``hub query-server`` — one process answering ``hub.query.*`` (``hub run`` starts
+  ``HUB_QUERY_SERVERS`` itself; this runs more, or runs them elsewhere), configured
+  from the environment like ``hub run``.
 * ``hub replay`` / ``hub verify`` — rebuild the views from the log / check them.
 * ``hub dev``  — the embedded stack (NATS+JetStream, PostgreSQL, a Redis-protocol
   server; Kafka with ``--kafka``) on loopback, plus the hub; Ctrl-C stops all.
@@ -63,6 +66,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return 2
     return asyncio.run(_serve(config))
+
+
+def cmd_query_server(args: argparse.Namespace) -> int:
+    from hub.query_server import serve
+
+    config = _configured()
+    if config is None:
+        return 2
+    return asyncio.run(serve(config))
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
@@ -147,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run the hub against the servers named in the environment")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("query-server", help="answer hub.query.* from the views (configured "
+                       "from the environment like 'hub run')")  # fmt: skip
+    p.set_defaults(func=cmd_query_server)
     p = sub.add_parser("dev", help="run the embedded stack and the hub on loopback")
     p.add_argument("--data", default=".data/dev", help="data folder (default: .data/dev)")
     p.add_argument("--kafka", action="store_true", help="also start Kafka and use it as the log")

@@ -53,6 +53,10 @@ ENV_VARS: dict[str, str] = {
     "dead-lettered with INTERNAL_ERROR",
     "HUB_LOG_STALL_S": "an append not done after this long is reported (log line, "
     "hub.query.status, hub.events._hub.log_stalled)",
+    "HUB_QUERY_SERVERS": "query-server processes the hub starts and supervises (0: none; "
+    "run 'hub query-server' elsewhere)",
+    "HUB_QUERY_TIMEOUT_S": "a query whose view store does not answer within this long is "
+    "answered UNAVAILABLE",
 }
 
 # Numeric settings read from the environment: variable -> (field, type, lower bound).
@@ -73,6 +77,8 @@ _NUMERIC: dict[str, tuple[str, type, float]] = {
     "HUB_WRITER_LEASE_S": ("writer_lease_s", float, 0.5),
     "HUB_MAX_DELIVER": ("max_deliver", int, 1),
     "HUB_LOG_STALL_S": ("log_stall_s", float, 0.01),
+    "HUB_QUERY_SERVERS": ("query_servers", int, 0),
+    "HUB_QUERY_TIMEOUT_S": ("query_timeout_s", float, 0.01),
 }
 
 
@@ -137,6 +143,12 @@ class HubConfig:
     max_deliver: int = 5
     # An append still not done after this long is reported as a stalled log.
     log_stall_s: float = 2.0
+    # hub.query.* is answered by query-server processes (hub.query_server): this many are
+    # started and supervised by the hub (0: none, they run elsewhere).
+    query_servers: int = 1
+    # The view store's time to answer a query (its reads, after any min_seq wait);
+    # past it the query is answered UNAVAILABLE.
+    query_timeout_s: float = 2.0
 
     @property
     def liveness(self) -> LivenessPolicy:

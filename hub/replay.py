@@ -8,6 +8,14 @@ hub's projectors then continue from the new checkpoint.
 
 Verify reads each view with its checkpoint in one snapshot, folds the log up to
 exactly that checkpoint, and compares canonical renderings (and their SHA-256).
+On a live hub the log keeps moving past that checkpoint and drops what it
+supersedes (each instance's earlier heartbeats, each component's earlier check
+results), so an instance or component with a newer record past the checkpoint is
+compared without those fields. A view without a checkpoint over a log that is not
+empty is reported: it has lost what it held (its projector rebuilds it).
+
+The running hub's projectors heal their views the same way (``hub.projector``):
+``fold_log`` then ``rebuild``.
 """
 
 from __future__ import annotations
@@ -21,9 +29,8 @@ from dataclasses import dataclass, field
 import asyncpg
 import redis.asyncio as aioredis
 
-from events.log import Positions, advance
-from events.model import HeartbeatReceived
-from hub.app import connect_postgres, make_event_log
+from events.log import Positions, advance, merge_max
+from events.model import HeartbeatReceived, InfraChecked
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused
@@ -37,7 +44,8 @@ from projections.render import (
     expected_pg,
     expected_redis,
     row_id,
-    without_heartbeat,
+    volatile_of,
+    without_volatile,
 )
 
 VIEWS = ("postgres", "redis")
@@ -88,24 +96,32 @@ async def fold_log(
     until: Positions | None = None,
     on_batch: Callable[[int], None] | None = None,
     moved: set[str] | None = None,
+    ends: Positions | None = None,
 ) -> tuple[ViewState, Positions]:
     """The pure fold of the log (up to ``until`` if given) and the positions it covers.
 
-    ``moved`` (with ``until``) collects the instances with a heartbeat past ``until``:
-    their heartbeat before ``until`` may have been superseded and removed.
+    ``moved`` (with ``until``) collects what has a volatile record past ``until``, whose
+    earlier one (before ``until``) may have been superseded and removed: instances with
+    a heartbeat (row ids ``tenant/service/instance``) and infrastructure components with
+    a check result (``_infra/<name>``), as ``projections.render.volatile_of`` names them.
+    ``ends`` gets the positions after every record read, ``until`` or not.
     """
     view = ViewState()
     positions: Positions = {}
     with gc_paused():
         async for records in event_log.read(None, follow=False, batch=5000):
+            if ends is not None:
+                merge_max(ends, advance({}, records))
             if until is not None:
                 if moved is not None:
-                    moved.update(
-                        row_id(e.tenant, e.service_name, e.instance_id)
-                        for r in records
-                        if r.position >= until.get(r.partition, 0)
-                        and isinstance(e := r.event, HeartbeatReceived)
-                    )
+                    for r in records:
+                        if r.position < until.get(r.partition, 0):
+                            continue
+                        e = r.event
+                        if isinstance(e, HeartbeatReceived):
+                            moved.add(row_id(e.tenant, e.service_name, e.instance_id))
+                        elif isinstance(e, InfraChecked):
+                            moved.add(f"{e.tenant}/{e.component}")
                 records = [r for r in records if r.position < until.get(r.partition, 0)]
             for r in records:
                 view.apply(r.event)
@@ -131,6 +147,7 @@ class Connections:
     @classmethod
     async def open(cls, config: HubConfig) -> Connections:
         from hub import natsconn
+        from hub.app import connect_postgres, make_event_log
 
         nc = await natsconn.connect(list(config.nats_urls)) if config.event_log != "kafka" else None
         event_log = make_event_log(config, nc, read_only=True)
@@ -167,9 +184,10 @@ async def replay(conn: Connections, views: tuple[str, ...] = VIEWS, *, out=sys.s
 class ViewReport:
     """One view against the fold of the log up to its checkpoint.
 
-    ``moving``: instance rows/keys that differ only in the fields of a heartbeat the
-    log has since replaced with a newer one past the checkpoint (live traffic during
-    verify); they are not errors, but the checksums then differ.
+    ``moving``: rows/keys that differ only in volatile fields (an instance's heartbeat
+    fields, a component's last check) whose record the log has since replaced with a
+    newer one past the checkpoint (live traffic during verify); they are not errors,
+    but the checksums then differ.
     """
 
     name: str
@@ -184,34 +202,31 @@ class ViewReport:
         return not self.problems and (bool(self.moving) or self.view_checksum == self.log_checksum)
 
 
-def _instance_of(key: str) -> str | None:
-    """The row id (tenant/service/instance) a canonical key is about, if any."""
-    if key.startswith("service_registry/"):
-        return key[len("service_registry/") :]
-    parts = key.split(":")
-    if len(parts) == 5 and parts[0] == "hub" and parts[2] == "inst":
-        return f"{parts[1]}/{parts[3]}/{parts[4]}"
-    return None
-
-
 async def verify(conn: Connections, views: tuple[str, ...] = VIEWS) -> list[ViewReport]:
     """Compare each view with the fold of the log up to that view's checkpoint."""
     reports = []
     for name in views:
         checkpoint, actual = await conn.views[name].snapshot()
         moved: set[str] = set()
-        view, _ = await fold_log(conn.event_log, until=checkpoint, moved=moved)
+        ends: Positions = {}
+        view, _ = await fold_log(conn.event_log, until=checkpoint, moved=moved, ends=ends)
         if name == "postgres":
             expected = expected_pg(view)
         else:
             expected = {k: canonical_redis(k, v) for k, v in expected_redis(view).items()}
         moving = [
             key for key in set(expected) & set(actual)
-            if expected[key] != actual[key] and _instance_of(key) in moved
-            and without_heartbeat(expected[key]) == without_heartbeat(actual[key])
+            if expected[key] != actual[key] and volatile_of(key) in moved
+            and without_volatile(expected[key]) == without_volatile(actual[key])
         ]  # fmt: skip
         exempt = {k: actual[k] for k in moving}
         problems = differences({**expected, **exempt}, actual)
+        if not checkpoint and ends:
+            problems.insert(
+                0,
+                "no checkpoint: the view has applied nothing of a log that "
+                f"holds records up to {ends} (lost? its projector rebuilds it)",
+            )
         reports.append(ViewReport(name, checkpoint, checksum(actual), checksum(expected),
                                   problems, sorted(moving)))  # fmt: skip
     return reports

@@ -31,13 +31,13 @@ import struct
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import msgspec
 import structlog
 
 from events.log import LogRecord, Positions
 from events.model import AnyEvent
+from hub.children import child_env, die_with_parent
 from hub.config import HubConfig
 from hub.logs import configure, configured
 from hub.metrics import Metrics
@@ -151,7 +151,7 @@ class ViewsProcess:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-c", "import sys, hub.views_process as v; "
                 "sys.exit(v.main(sys.argv[1:]))", str(back_w),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(back_w,), env=_child_env(),
+                stdin=asyncio.subprocess.PIPE, pass_fds=(back_w,), env=child_env(),
                 # Its own session: a terminal's Ctrl-C reaches the hub only, which then
                 # lets the views catch up before it closes the child's stdin.
                 start_new_session=True,
@@ -279,14 +279,6 @@ class ViewsProcess:
                 t.cancel()
 
 
-def _child_env() -> dict[str, str]:
-    """The hub's environment, with this checkout importable (for ``import hub``)."""
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    return env
-
-
 # --- the child ----------------------------------------------------------------------------
 
 
@@ -394,6 +386,7 @@ async def _serve(back_fd: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    die_with_parent()
     back_fd = int(argv[0])
     # Anything printed goes to stderr; the frames have their own pipe.
     os.dup2(2, 1)

@@ -9,7 +9,9 @@ rows that only got heartbeats: one multi-row UPDATE of the heartbeat columns) â€
 many heartbeats of one instance become one write, and the result is by
 construction what applying the events one by one gives.
 Rows and the checkpoint are written in one transaction; records the checkpoint
-already covers are skipped.
+already covers are skipped. A checkpoint found missing or behind what this projection
+applied (the tables were emptied, or restored from an older copy) means the view was
+lost: ``ViewLost``, nothing written.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from handlers.registry import (
     key_of,
 )
 from projections.cache import InstanceCache
-from projections.port import ViewMismatch
+from projections.port import ViewLost, ViewMismatch, behind
 from projections.render import (
     HISTORY_COLUMNS,
     INFRA_COLUMNS,
@@ -152,6 +154,7 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "infra_history": ("event_id", INFRA_HISTORY_COLUMNS),
     "infra_config": ("id", INFRA_CONFIG_COLUMNS),
 }
+_REBUILD_LOCK_ID = 0x48554252  # "HUBR": one rebuild at a time across processes
 # Not a view of the fold (the log keeps only each component's latest result), so not
 # verified nor rebuilt: a journal of raw check results, pruned by age.
 JOURNAL = "infra_checks"
@@ -176,6 +179,9 @@ class PostgresRegistryProjection:
         self._clock = clock
         self._pruned_at = 0.0
         self._cache: InstanceCache[Instance] = InstanceCache(cache)
+        # What the view holds at least: the checkpoint this projection last attached to,
+        # committed or rebuilt. A checkpoint found behind it means the view was lost.
+        self._floor: Positions = {}
 
     async def setup(self) -> None:
         async with self._pool.acquire() as conn:
@@ -213,6 +219,22 @@ class PostgresRegistryProjection:
         )
         return {r["partition"]: r["position"] for r in rows}
 
+    async def attach(self) -> Positions:
+        at = await self.checkpoint()
+        if (why := behind(at, self._floor)) is not None:
+            raise ViewLost(why)
+        self._floor = at
+        return at
+
+    async def examine(self) -> list[str]:
+        if (why := behind(await self.checkpoint(), self._floor)) is not None:
+            raise ViewLost(why)
+        return []
+
+    async def mark(self, state: str, reason: str = "") -> None:
+        """Queries do not read this view: nobody to tell."""
+        return None
+
     async def apply(self, records: Sequence[LogRecord]) -> Positions:
         async with self._pool.acquire() as conn, conn.transaction():
             # Read under a row lock: two writers of one projection cannot both apply.
@@ -222,6 +244,9 @@ class PostgresRegistryProjection:
                 self.name,
             )
             checkpoint = {r["partition"]: r["position"] for r in rows}
+            if (why := behind(checkpoint, self._floor)) is not None:
+                self._cache.clear()
+                raise ViewLost(why)  # rolls the transaction back: nothing written
             todo = unseen(records, checkpoint)
             if not todo:
                 return checkpoint
@@ -239,6 +264,7 @@ class PostgresRegistryProjection:
                 raise
         # Committed (leaving the block without an exception commits).
         self._cache.remember(written, new)
+        self._floor = new
         return new
 
     async def _write(
@@ -371,50 +397,61 @@ class PostgresRegistryProjection:
         check it equals the fold, then swap it in atomically with its checkpoint.
         Readers see the old view until the swap commits."""
         suffix = "__replay"
+        self._cache.clear()
         async with self._pool.acquire() as conn:
-            for table in TABLES:
-                await conn.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
-                await conn.execute(f"CREATE TABLE {table}{suffix} (LIKE {table} INCLUDING ALL)")
-            registry = [pg_registry_row(i) for i in view.registry.instances.values()]
-            await conn.copy_records_to_table(
-                f"service_registry{suffix}", records=registry, columns=REGISTRY_COLUMNS
-            )
-            rejected = [pg_rejection_row(e) for e in view.rejections.values()]
-            await conn.copy_records_to_table(
-                f"input_rejections{suffix}", records=rejected, columns=REJECTION_COLUMNS
-            )
-            history = [pg_history_row(e) for e in view.history.values()]
-            await conn.copy_records_to_table(
-                f"health_history{suffix}", records=history, columns=HISTORY_COLUMNS
-            )
-            infra = view.registry.infra
-            infra_tables: tuple[tuple[str, tuple[str, ...], list[tuple[Any, ...]]], ...] = (
-                ("infra_status", INFRA_COLUMNS,
-                 [pg_infra_row(c) for c in infra.components.values()]),
-                ("infra_history", INFRA_HISTORY_COLUMNS,
-                 [pg_infra_history_row(e) for e in view.infra_history.values()]),
-                ("infra_config", INFRA_CONFIG_COLUMNS,
-                 [pg_infra_config_row(infra)] if infra.digest else []),
-            )  # fmt: skip
-            for table, columns, records in infra_tables:
-                await conn.copy_records_to_table(f"{table}{suffix}", records=records,
-                                                 columns=columns)  # fmt: skip
-            problems = differences(expected_pg(view), await self._canonical(conn, suffix))
-            if problems:
-                raise ViewMismatch("\n".join(problems[:20]))
-            async with conn.transaction():
-                for table, (_, columns) in TABLES.items():
-                    await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-                    await conn.execute(f"TRUNCATE {table}")
-                    cols = ", ".join(columns)
-                    await conn.execute(
-                        f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {table}{suffix}"
-                    )
+            # One rebuild at a time (``hub replay`` and a projector healing its view
+            # share the shadow tables); the lock goes with the session if it dies.
+            await conn.execute("SELECT pg_advisory_lock($1)", _REBUILD_LOCK_ID)
+            try:
+                await self._rebuild(conn, suffix, view, positions)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _REBUILD_LOCK_ID)
+        self._floor = dict(positions)
+
+    async def _rebuild(
+        self, conn: asyncpg.Connection, suffix: str, view: ViewState, positions: Positions
+    ) -> None:
+        for table in TABLES:
+            await conn.execute(f"DROP TABLE IF EXISTS {table}{suffix}")
+            await conn.execute(f"CREATE TABLE {table}{suffix} (LIKE {table} INCLUDING ALL)")
+        registry = [pg_registry_row(i) for i in view.registry.instances.values()]
+        await conn.copy_records_to_table(
+            f"service_registry{suffix}", records=registry, columns=REGISTRY_COLUMNS
+        )
+        rejected = [pg_rejection_row(e) for e in view.rejections.values()]
+        await conn.copy_records_to_table(
+            f"input_rejections{suffix}", records=rejected, columns=REJECTION_COLUMNS
+        )
+        history = [pg_history_row(e) for e in view.history.values()]
+        await conn.copy_records_to_table(
+            f"health_history{suffix}", records=history, columns=HISTORY_COLUMNS
+        )
+        infra = view.registry.infra
+        infra_tables: tuple[tuple[str, tuple[str, ...], list[tuple[Any, ...]]], ...] = (
+            ("infra_status", INFRA_COLUMNS,
+             [pg_infra_row(c) for c in infra.components.values()]),
+            ("infra_history", INFRA_HISTORY_COLUMNS,
+             [pg_infra_history_row(e) for e in view.infra_history.values()]),
+            ("infra_config", INFRA_CONFIG_COLUMNS,
+             [pg_infra_config_row(infra)] if infra.digest else []),
+        )  # fmt: skip
+        for table, columns, records in infra_tables:
+            await conn.copy_records_to_table(f"{table}{suffix}", records=records,
+                                             columns=columns)  # fmt: skip
+        problems = differences(expected_pg(view), await self._canonical(conn, suffix))
+        if problems:
+            raise ViewMismatch("\n".join(problems[:20]))
+        async with conn.transaction():
+            for table, (_, columns) in TABLES.items():
+                await conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+                await conn.execute(f"TRUNCATE {table}")
+                cols = ", ".join(columns)
                 await conn.execute(
-                    "DELETE FROM projection_checkpoints WHERE projection = $1", self.name
+                    f"INSERT INTO {table} ({cols}) SELECT {cols} FROM {table}{suffix}"
                 )
-                await conn.executemany(
-                    _CHECKPOINT, [(self.name, p, n) for p, n in positions.items()]
-                )
-            for table in TABLES:
-                await conn.execute(f"DROP TABLE {table}{suffix}")
+            await conn.execute(
+                "DELETE FROM projection_checkpoints WHERE projection = $1", self.name
+            )
+            await conn.executemany(_CHECKPOINT, [(self.name, p, n) for p, n in positions.items()])
+        for table in TABLES:
+            await conn.execute(f"DROP TABLE {table}{suffix}")

@@ -5,6 +5,12 @@ Keys (``<t>`` = tenant):
 * ``hub:<t>:services``                  SET of services with live instances
 * ``hub:<t>:svc:<service>``             SET of the service's live instance ids
 * ``hub:<t>:inst:<service>:<instance>`` HASH of one live instance
+* ``hub:<t>:index``                     ZSET of the live instances, every score 0, member
+                                        ``<service> <instance>``: pages in (service,
+                                        instance) order by ZRANGEBYLEX; ZCARD counts them
+* ``hub:<t>:counts:<service>``          HASH of the service's live instances by
+                                        ``status:<status>``, ``flapping`` and ``trusted``
+                                        (healthy, not flapping); non-zero counts only
 * ``hub:<t>:stats``                     HASH of counters (``rejected``, ``rejected:<code>``)
 * ``hub:<t>:preservation``              HASH since/until, while the tenant self-preserves
 * ``hub:_meta:tenants``                 SET of tenants that ever registered an instance
@@ -12,19 +18,27 @@ Keys (``<t>`` = tenant):
 * ``hub:_infra:component:<name>``       HASH status, last check and configuration
 * ``hub:_infra:config``                 HASH configuration digest, service_dependencies
 * ``hub:_meta:checkpoint:<projection>`` HASH partition -> next position
+* ``hub:_meta:view:<projection>``       HASH ``state`` (``ready`` | ``rebuilding``),
+                                        ``since``, ``reason``: what queries are told
 
 A batch is folded over the instances it touches (from the projection's cache of
 what it last wrote, else read in one pipeline) with the same pure ``evolve`` as
-the hub; each touched key is then written once, only the fields that changed.
+the hub; each touched key is then written once, only the fields that changed
+(the index and the counts by what entered, left or changed status).
 Effects and checkpoint go in one Lua script (APPLY_BATCH) that first checks the
 checkpoint is still the one the batch was planned on, so a second writer of the
-same projection makes this one plan again, never double-apply.
+same projection makes this one plan again, never double-apply; a checkpoint found
+missing or behind what this projection applied means the view was lost (``ViewLost``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, get_args
 
 import msgspec
@@ -53,15 +67,18 @@ from handlers.registry import (
     key_of,
 )
 from projections.cache import InstanceCache
-from projections.port import ViewMismatch
+from projections.port import READY, ViewLost, ViewMismatch, behind
 from projections.render import (
     HEARTBEAT_COLUMNS,
+    INDEX_SEP,
     RedisValue,
     ViewState,
     canonical_redis,
+    counted,
     differences,
     expected_redis,
     from_json,
+    index_member,
     infra_from_redis,
     instance_from_redis,
     redis_heartbeat_fields,
@@ -73,6 +90,15 @@ from projections.render import (
 
 TENANTS_KEY = "hub:_meta:tenants"
 SHADOW = "hubreplay"
+# One rebuild at a time (``hub replay`` and a projector healing its view share the
+# shadow keyspace): held while it runs, expiring in case its holder dies.
+REBUILD_LOCK_KEY = "hubreplay-lock"
+REBUILD_LOCK_MS = 10 * 60 * 1000
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+__all__ = ["INDEX_SEP", "index_member"]
 
 
 def services_key(tenant: str) -> str:
@@ -85,6 +111,14 @@ def service_key(tenant: str, service: str) -> str:
 
 def instance_key(tenant: str, service: str, instance: str) -> str:
     return f"hub:{tenant}:inst:{service}:{instance}"
+
+
+def index_key(tenant: str) -> str:
+    return f"hub:{tenant}:index"
+
+
+def counts_key(tenant: str, service: str) -> str:
+    return f"hub:{tenant}:counts:{service}"
 
 
 def stats_key(tenant: str) -> str:
@@ -107,14 +141,36 @@ def checkpoint_key(projection: str) -> str:
     return f"hub:_meta:checkpoint:{projection}"
 
 
+def view_key(projection: str) -> str:
+    """The view's state for its readers (not part of the view: like the checkpoint)."""
+    return f"hub:_meta:view:{projection}"
+
+
+_NOT_THE_VIEW = ("_meta:checkpoint:", "_meta:view:")
+
+# The type of each key of the view, by its third segment (``hub:<t>:<kind>...``).
+_HASHES = frozenset({"inst", "counts", "stats", "preservation", "component", "config"})
+_ZSETS = frozenset({"index"})
+
+
+def _kind(key: str) -> str:
+    parts = key.split(":", 3)
+    kind = parts[2] if len(parts) > 2 else ""
+    return "hash" if kind in _HASHES else "zset" if kind in _ZSETS else "set"
+
+
 # One write of a batch: (command, key, arguments).
 Write = tuple[str, str, list[str]]
 _COMMANDS = {"delete": "DEL", "hset": "HSET", "hdel": "HDEL", "sadd": "SADD", "srem": "SREM",
-             "hincrby": "HINCRBY"}  # fmt: skip
+             "hincrby": "HINCRBY", "zadd": "ZADD", "zrem": "ZREM",
+             "count": "HINCRBY0"}  # fmt: skip
 
 
 def cmd(command: str, key: str, *args: Any, mapping: dict[str, Any] | None = None) -> Write:
-    """A write to send with the batch (``mapping``: HSET's field/value pairs)."""
+    """A write to send with the batch (``mapping``: HSET's field/value pairs).
+
+    ``count``: HINCRBY that removes the field when it comes to 0 (the counts keep
+    non-zero fields only; the key goes with its last field)."""
     flat = [str(a) for a in args]
     if mapping is not None:
         for f, v in mapping.items():
@@ -123,13 +179,24 @@ def cmd(command: str, key: str, *args: Any, mapping: dict[str, Any] | None = Non
 
 
 # Lua 5.1 (Redis, Valkey) has unpack(), Lua 5.4 (DragonflyDB) table.unpack().
+_WRITE = """
+local function write(w)
+  if w[1] == 'HINCRBY0' then
+    local k = KEYS[w[2]]
+    if redis.call('HINCRBY', k, w[3][1], w[3][2]) == 0 then redis.call('HDEL', k, w[3][1]) end
+  else
+    redis.call(w[1], KEYS[w[2]], unpack(w[3]))
+  end
+end
+"""
 # Applies one batch atomically, if the checkpoint is still the one it was planned on.
 # KEYS[1] is the checkpoint hash, KEYS[2..] every key written (declared, as DragonflyDB
 # requires); ARGV[1] one JSON document (one argument, so the client encodes one value,
 # not a dozen per instance): [expected checkpoint pairs, new checkpoint pairs, writes],
 # a write being [command, index in KEYS, [arguments]]. Returns 0, having written
 # nothing, when the checkpoint moved.
-APPLY_BATCH = """
+APPLY_BATCH = (
+    """
 local unpack = table.unpack or unpack
 local batch = cjson.decode(ARGV[1])
 local expected, new, writes = batch[1], batch[2], batch[3]
@@ -140,26 +207,31 @@ for j = 1, #cur, 2 do have[cur[j]] = cur[j + 1] end
 for j = 1, #expected, 2 do
   if have[expected[j]] ~= expected[j + 1] then return 0 end
 end
-for _, w in ipairs(writes) do
-  redis.call(w[1], KEYS[w[2]], unpack(w[3]))
-end
+"""
+    + _WRITE
+    + """
+for _, w in ipairs(writes) do write(w) end
 redis.call('DEL', KEYS[1])
 if #new > 0 then redis.call('HSET', KEYS[1], unpack(new)) end
 return 1
 """
+)
 _encode_batch = msgspec.json.Encoder().encode
 UNPACK_AT_MOST = 1000  # Lua's unpack() takes at most a few thousand values
 
 
 # Writes without a checkpoint (the shadow keyspace of a rebuild): KEYS every key
 # written, ARGV[1] the JSON list of writes as in APPLY_BATCH.
-WRITE_BATCH = """
+WRITE_BATCH = (
+    """
 local unpack = table.unpack or unpack
-for _, w in ipairs(cjson.decode(ARGV[1])) do
-  redis.call(w[1], KEYS[w[2]], unpack(w[3]))
-end
+"""
+    + _WRITE
+    + """
+for _, w in ipairs(cjson.decode(ARGV[1])) do write(w) end
 return 1
 """
+)
 
 
 def batch_arguments(
@@ -184,7 +256,7 @@ def _indexed(
             i = index[key] = len(keys)
         if len(values) <= UNPACK_AT_MOST:
             out.append((command, i, values))
-        else:  # only variadic writes are ever long; an even part size keeps HSET pairs
+        else:  # only variadic writes are ever long; an even part size keeps pairs whole
             out += [(command, i, values[at : at + UNPACK_AT_MOST])
                     for at in range(0, len(values), UNPACK_AT_MOST)]  # fmt: skip
     return keys, out
@@ -213,9 +285,21 @@ def _hash_diff(
     return writes
 
 
+def _value_writes(key: str, value: RedisValue) -> Write:
+    """The write that creates ``key`` with ``value`` (a rebuild's shadow keys)."""
+    if isinstance(value, dict):
+        return cmd("hset", key, mapping=value)
+    if isinstance(value, tuple):
+        return cmd("zadd", key, *[x for m, score in value for x in (repr(score), m)])
+    return cmd("sadd", key, *sorted(value))
+
+
 _INFRA_TYPES = frozenset(INFRA_EVENTS)
 _INSTANCE_TYPES = frozenset(get_args(InstanceEvent))
 _MEMBERSHIP_TYPES = frozenset(MEMBERSHIP_EVENTS)
+# hub verify: consistent reads without blocking the server first, then atomic ones.
+_OPTIMISTIC_SNAPSHOTS = 3
+_ATOMIC_SNAPSHOTS = 10
 
 
 class RedisRegistryProjection:
@@ -229,6 +313,11 @@ class RedisRegistryProjection:
         self._cache: InstanceCache[tuple[Instance, dict[str, str]]] = InstanceCache(cache)
         self._apply_batch = client.register_script(APPLY_BATCH)
         self._write_batch = client.register_script(WRITE_BATCH)
+        self._release = client.register_script(_RELEASE)
+        # What the view holds at least: the checkpoint this projection last attached to,
+        # committed or rebuilt. A checkpoint found behind it means the view was lost.
+        self._floor: Positions = {}
+        self._run_id: str | None = None  # the server's, as last seen (a restart changes it)
 
     async def setup(self) -> None:
         return None
@@ -263,14 +352,59 @@ class RedisRegistryProjection:
         raw = await self._r.hgetall(checkpoint_key(self.name))
         return {int(k): int(v) for k, v in raw.items()}
 
+    async def _server_run_id(self) -> str | None:
+        """The server's run_id (None if it does not say: a restart then goes unnoticed
+        as such, the checkpoint still tells a lost view)."""
+        try:
+            info = await self._r.info("server")
+        except aioredis.ResponseError:  # INFO refused (a managed server may)
+            return None
+        return str(info.get("run_id")) if info.get("run_id") else None
+
+    async def attach(self) -> Positions:
+        at = await self.checkpoint()
+        if (why := behind(at, self._floor)) is not None:
+            raise ViewLost(why)
+        self._floor = at
+        self._run_id = await self._server_run_id()
+        return at
+
+    async def examine(self) -> list[str]:
+        async with self._r.pipeline(transaction=False) as read:
+            read.hgetall(checkpoint_key(self.name))
+            read.hget(view_key(self.name), "state")
+            raw, state = await read.execute()
+        notices = []
+        run_id = await self._server_run_id()
+        if run_id != self._run_id:
+            if self._run_id is not None:
+                notices.append(f"the server restarted (run_id {self._run_id} -> {run_id})")
+            self._run_id = run_id
+        at = {int(k): int(v) for k, v in raw.items()}
+        if (why := behind(at, self._floor)) is not None:
+            raise ViewLost("; ".join([why, *notices]))
+        if state is None:
+            await self.mark(READY, "the view's state was missing; its checkpoint is intact")
+            notices.append("the view's state was missing (its checkpoint intact): set ready")
+        return notices
+
+    async def mark(self, state: str, reason: str = "") -> None:
+        await self._r.hset(view_key(self.name),
+                           mapping={"state": state, "since": repr(time.time()),
+                                    "reason": reason})  # fmt: skip
+
     async def apply(self, records: Sequence[LogRecord]) -> Positions:
         ckey = checkpoint_key(self.name)
         # The checkpoint the cache is valid at is this writer's last commit; if anything
-        # else moved it since, the script refuses the batch and it is planned again.
+        # else moved it since, the script refuses the batch and it is planned again
+        # (from the checkpoint found, unless that one is behind: the view was lost).
         checkpoint = self._cache.at
         while True:
             if checkpoint is None:
                 checkpoint = await self.checkpoint()
+                if (why := behind(checkpoint, self._floor)) is not None:
+                    self._cache.clear()
+                    raise ViewLost(why)
             todo = unseen(records, checkpoint)
             if not todo:
                 return checkpoint
@@ -286,6 +420,7 @@ class RedisRegistryProjection:
                 raise
             if done:
                 self._cache.remember(written, new)
+                self._floor = new
                 return new
             self._cache.clear()
             checkpoint = None
@@ -312,7 +447,7 @@ class RedisRegistryProjection:
                 not_only_heartbeats.add(k)
                 if kind in _MEMBERSHIP_TYPES:
                     # Only these events can make an instance enter or leave the live
-                    # view, so only their services' member sets are read and written.
+                    # view, so only their services' sizes are read and set written.
                     services[k[:2]] = None
                 if kind is ServiceRegistered:
                     tenants.add(e.tenant)
@@ -337,20 +472,35 @@ class RedisRegistryProjection:
                 for k in unknown:
                     read.hgetall(instance_key(*k))
                 for t, s in services:
-                    read.smembers(service_key(t, s))
+                    read.scard(service_key(t, s))
                 found = await read.execute()
         for k, h in zip(unknown, found[: len(unknown)], strict=True):
             if h:
                 before[k] = h
                 state.instances[k] = instance_from_redis(k[0], h)
-        members = {ts: set(m) for ts, m in zip(services, found[len(unknown) :], strict=True)}
+        sizes = {ts: int(n) for ts, n in zip(services, found[len(unknown) :], strict=True)}
+        # What the touched instances count in before the batch (the counts by status).
+        counts: dict[tuple[str, str], Counter[str]] = {}
+        for k, h in before.items():
+            c = counts.setdefault(k[:2], Counter())
+            for f in counted(h["status"], h["flapping"] == "1"):
+                c[f] -= 1
         for r in todo:
             evolve(state, r.event)
         writes: list[Write] = []
         written: dict[InstanceKey, tuple[Instance, dict[str, str]] | None] = {}
+        entered: dict[tuple[str, str], list[str]] = {}
+        left: dict[tuple[str, str], list[str]] = {}
         for k in keys:
             inst = state.instances.get(k)
-            if (inst is not None and inst.live and k in cached
+            live = inst is not None and inst.live
+            if inst is not None and live:
+                c = counts.setdefault(k[:2], Counter())
+                for f in counted(inst.status, inst.flapping):
+                    c[f] += 1
+            if live != (k in before):
+                (entered if live else left).setdefault(k[:2], []).append(k[2])
+            if (inst is not None and live and k in cached
                     and k not in not_only_heartbeats):  # fmt: skip
                 # Only heartbeats, on an instance as this view last wrote it: only the
                 # heartbeat fields can differ (the model test holds this to the fold).
@@ -361,22 +511,28 @@ class RedisRegistryProjection:
                 if "load" not in hb:
                     old.pop("load", None)
                 continue
-            rendered = redis_instance_hash(inst) if inst is not None and inst.live else None
+            rendered = redis_instance_hash(inst) if inst is not None and live else None
             writes.extend(_hash_diff(instance_key(*k), before.get(k, {}), rendered))
             written[k] = (inst, rendered) if inst is not None and rendered is not None else None
-        for (t, s), ids in members.items():
-            after = {i for (kt, ks, i), inst in state.instances.items()
-                     if kt == t and ks == s and inst.live}  # fmt: skip
-            live_now = (ids - {k[2] for k in keys if k[:2] == (t, s)}) | after
-            added, removed = sorted(live_now - ids), sorted(ids - live_now)
-            if added:
-                writes.append(cmd("sadd", service_key(t, s), *added))
-            if removed:
-                writes.append(cmd("srem", service_key(t, s), *removed))
-            if live_now:
-                writes.append(cmd("sadd", services_key(t), s))
-            else:
-                writes.append(cmd("srem", services_key(t), s))
+        index_in: dict[str, list[str]] = {}
+        index_out: dict[str, list[str]] = {}
+        for (t, s), ids in sorted(entered.items()):
+            writes.append(cmd("sadd", service_key(t, s), *sorted(ids)))
+            index_in.setdefault(t, []).extend(index_member(s, i) for i in sorted(ids))
+        for (t, s), ids in sorted(left.items()):
+            writes.append(cmd("srem", service_key(t, s), *sorted(ids)))
+            index_out.setdefault(t, []).extend(index_member(s, i) for i in sorted(ids))
+        for t, members in sorted(index_in.items()):
+            writes.append(cmd("zadd", index_key(t), *[x for m in members for x in ("0", m)]))
+        for t, members in sorted(index_out.items()):
+            writes.append(cmd("zrem", index_key(t), *members))
+        for (t, s), size in sizes.items():
+            live_now = size + len(entered.get((t, s), ())) - len(left.get((t, s), ()))
+            writes.append(cmd("sadd" if live_now else "srem", services_key(t), s))
+        for (t, s), c in sorted(counts.items()):
+            for f, n in sorted(c.items()):
+                if n:
+                    writes.append(cmd("count", counts_key(t, s), f, n))
         if tenants:
             writes.append(cmd("sadd", TENANTS_KEY, *sorted(tenants)))
         for (t, field), n in sorted(stats.items()):
@@ -424,52 +580,102 @@ class RedisRegistryProjection:
 
     # --- verify and rebuild ----------------------------------------------------------
 
-    async def _read_keys(self, prefix: str) -> dict[str, RedisValue]:
-        """Every key under ``prefix`` (checkpoints aside) with its value.
+    async def _names(self, prefix: str) -> list[str]:
+        """The keys under ``prefix`` that belong to the view (checkpoints and the view's
+        state aside)."""
+        skip = tuple(f"{prefix}:{x}" for x in _NOT_THE_VIEW)
+        return [k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
+                if not k.startswith(skip)]  # fmt: skip
 
-        The key's name says its type (instances and stats are hashes, the rest sets),
-        which saves a TYPE round per key; a key of the wrong type reads as an error
-        marker, so verification reports it instead of failing.
+    async def _read_values(
+        self, names: list[str], *, atomic: bool = False
+    ) -> tuple[Positions, dict[str, RedisValue]]:
+        """The checkpoint and each key's value (``atomic``: all read in one MULTI/EXEC, a
+        consistent cut, which holds the server up while it runs).
+
+        The key's name says its type (see ``_kind``), which saves a TYPE round per key; a
+        key of the wrong type reads as an error marker, so verification reports it
+        instead of failing. A key gone since it was listed is left out.
         """
-        names = [
-            k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
-            if not k.startswith(f"{prefix}:_meta:checkpoint:")
-        ]  # fmt: skip
-        hashes = [
-            ":inst:" in k or ":component:" in k or k.endswith((":stats", ":preservation"))
-            or k == f"{prefix}:{INFRA_TENANT}:config"
-            for k in names
-        ]  # fmt: skip
-        async with self._r.pipeline(transaction=False) as pipe:
-            for k, is_hash in zip(names, hashes, strict=True):
-                pipe.hgetall(k) if is_hash else pipe.smembers(k)
-            values = await pipe.execute(raise_on_error=False)
+        kinds = [_kind(k) for k in names]
+        async with self._r.pipeline(transaction=atomic) as pipe:
+            pipe.hgetall(checkpoint_key(self.name))
+            for k, kind in zip(names, kinds, strict=True):
+                if kind == "hash":
+                    pipe.hgetall(k)
+                elif kind == "zset":
+                    pipe.zrange(k, 0, -1, withscores=True)
+                else:
+                    pipe.smembers(k)
+            raw, *values = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, Exception):
+            raise raw
         out: dict[str, RedisValue] = {}
-        for k, is_hash, v in zip(names, hashes, values, strict=True):
+        for k, kind, v in zip(names, kinds, values, strict=True):
             if isinstance(v, Exception):
                 out[k] = {"<error>": str(v)}
+            elif not v:
+                continue
+            elif kind == "hash":
+                out[k] = v
+            elif kind == "zset":
+                out[k] = tuple(sorted((m, float(score)) for m, score in v))
             else:
-                out[k] = v if is_hash else frozenset(v)
+                out[k] = frozenset(v)
+        return {int(p): int(n) for p, n in raw.items()}, out
+
+    async def _read_keys(self, prefix: str) -> dict[str, RedisValue]:
+        """Every key under ``prefix`` (checkpoints aside) with its value."""
+        _, out = await self._read_values(await self._names(prefix))
         return out
 
     async def snapshot(self) -> tuple[Positions, dict[str, str]]:
-        """The checkpoint and every key, canonical; re-read if a write came in between."""
-        while True:
+        """The checkpoint and every key, canonical, as of one moment.
+
+        Read without holding the server up first: valid if the checkpoint did not move
+        meanwhile (every batch moves it). On a busy view that rarely holds, so then the
+        values are read in one MULTI/EXEC with the checkpoint, valid if listing the keys
+        again finds none that was not read (a key created between the listing and the
+        transaction would be missing from it).
+        """
+        values: dict[str, RedisValue] = {}
+        for _ in range(_OPTIMISTIC_SNAPSHOTS):
             before = await self.checkpoint()
-            keys = await self._read_keys("hub")
-            if await self.checkpoint() == before:
-                return before, {k: canonical_redis(k, v) for k, v in keys.items()}
+            at, values = await self._read_values(await self._names("hub"))
+            if at == before and await self.checkpoint() == before:
+                return at, {k: canonical_redis(k, v) for k, v in values.items()}
+        for _ in range(_ATOMIC_SNAPSHOTS):
+            names = await self._names("hub")
+            at, values = await self._read_values(names, atomic=True)
+            if not set(await self._names("hub")) - set(names):
+                break
+        return at, {k: canonical_redis(k, v) for k, v in values.items()}
+
+    @contextlib.asynccontextmanager
+    async def _rebuild_lock(self) -> AsyncIterator[None]:
+        token = uuid.uuid4().hex
+        # Polled: the holder is another process (a replay, another hub's projector).
+        while not await self._r.set(REBUILD_LOCK_KEY, token, nx=True, px=REBUILD_LOCK_MS):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        try:
+            yield
+        finally:
+            await self._release(keys=[REBUILD_LOCK_KEY], args=[token])
 
     async def rebuild(self, view: ViewState, positions: Positions) -> None:
         """Write the fold into a shadow keyspace, check it, then swap it in with one
-        MULTI/EXEC (old keys deleted, shadow keys renamed, checkpoint set)."""
+        MULTI/EXEC (old keys deleted, shadow keys renamed, checkpoint set, the view's
+        state ready). One rebuild at a time: a second one waits for the first."""
+        async with self._rebuild_lock():
+            await self._rebuild(view, positions)
+
+    async def _rebuild(self, view: ViewState, positions: Positions) -> None:
+        self._cache.clear()
         stale = [k async for k in self._r.scan_iter(match=f"{SHADOW}:*", count=1000)]
         if stale:
             await self._r.delete(*stale)
         expected = expected_redis(view, prefix=SHADOW)
-        writes = [cmd("hset", key, mapping=value) if isinstance(value, dict)
-                  else cmd("sadd", key, *sorted(value))
-                  for key, value in expected.items()]  # fmt: skip
+        writes = [_value_writes(key, value) for key, value in expected.items()]
         for at in range(0, len(writes), 1000):  # one script per 1,000 keys
             keys, out = _indexed([], writes[at : at + 1000])
             await self._write_batch(keys=keys, args=[_encode_batch(out)])
@@ -481,8 +687,7 @@ class RedisRegistryProjection:
         if problems:
             raise ViewMismatch("\n".join(problems[:20]))
         ckey = checkpoint_key(self.name)
-        live = [k async for k in self._r.scan_iter(match="hub:*", count=1000)
-                if not k.startswith("hub:_meta:checkpoint:")]  # fmt: skip
+        live = await self._names("hub")
         async with self._r.pipeline(transaction=True) as pipe:
             renamed = {"hub" + k[len(SHADOW) :] for k in expected}
             gone = [k for k in live if k not in renamed]
@@ -493,4 +698,7 @@ class RedisRegistryProjection:
             pipe.delete(ckey)
             if positions:
                 pipe.hset(ckey, mapping={str(p): str(n) for p, n in positions.items()})
+            pipe.hset(view_key(self.name), mapping={"state": READY, "since": repr(time.time()),
+                                                     "reason": "rebuilt from the log"})  # fmt: skip
             await pipe.execute()
+        self._floor = dict(positions)

@@ -32,7 +32,7 @@ from events.model import (
 from events.names import INFRA_TENANT
 from handlers.infra import InfraComponent, InfraState
 from handlers.ledger import SeqLedger
-from handlers.registry import EXPIRED, Instance, RegistryState, evolve
+from handlers.registry import EXPIRED, HEALTHY, Instance, RegistryState, evolve
 
 CHECKPOINT_PREFIX = "_meta:checkpoint:"
 _json = msgspec.json.Encoder(order="sorted")
@@ -395,7 +395,32 @@ def redis_preservation_hash(since: float, until: float) -> dict[str, str]:
     return {"since": num(since), "until": num(until)}
 
 
-RedisValue = dict[str, str] | frozenset[str]
+# The tenant's index of live instances (a sorted set, every score 0, read in member
+# order by ZRANGEBYLEX): one member per instance, ``<service> <instance>``. The
+# separator sorts below every character a name may hold, so member order is
+# (service, instance) order, the order queries page in.
+INDEX_SEP = " "
+
+
+def index_member(service: str, instance: str) -> str:
+    return f"{service}{INDEX_SEP}{instance}"
+
+
+def counted(status: str, flapping: bool) -> list[str]:
+    """The fields of ``hub:<t>:counts:<service>`` one live instance counts in: its
+    status (``status:<status>``), ``flapping``, and ``trusted`` when it is healthy and
+    not flapping (what a service's health is judged on)."""
+    fields = [f"status:{status}"]
+    if flapping:
+        fields.append("flapping")
+    elif status == HEALTHY:
+        fields.append("trusted")
+    return fields
+
+
+# A sorted set as (member, score) pairs, by member.
+ZSetValue = tuple[tuple[str, float], ...]
+RedisValue = dict[str, str] | frozenset[str] | ZSetValue
 
 
 def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue]:
@@ -403,6 +428,8 @@ def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue
     keys: dict[str, RedisValue] = {}
     services: dict[str, set[str]] = {}
     members: dict[tuple[str, str], set[str]] = {}
+    index: dict[str, list[str]] = {}
+    by_status: dict[tuple[str, str], dict[str, int]] = {}
     tenants: set[str] = set()
     for inst in view.registry.instances.values():
         tenants.add(inst.tenant)
@@ -412,10 +439,18 @@ def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue
         keys[f"{prefix}:{t}:inst:{s}:{i}"] = redis_instance_hash(inst)
         members.setdefault((t, s), set()).add(i)
         services.setdefault(t, set()).add(s)
+        index.setdefault(t, []).append(index_member(s, i))
+        tally = by_status.setdefault((t, s), {})
+        for f in counted(inst.status, inst.flapping):
+            tally[f] = tally.get(f, 0) + 1
     for (t, s), ids in members.items():
         keys[f"{prefix}:{t}:svc:{s}"] = frozenset(ids)
     for t, names in services.items():
         keys[f"{prefix}:{t}:services"] = frozenset(names)
+    for t, listed in index.items():
+        keys[f"{prefix}:{t}:index"] = tuple((m, 0.0) for m in sorted(listed))
+    for (t, s), tally in by_status.items():
+        keys[f"{prefix}:{t}:counts:{s}"] = {f: str(n) for f, n in tally.items()}
     if tenants:
         keys[f"{prefix}:_meta:tenants"] = frozenset(tenants)
     stats: dict[str, dict[str, int]] = {}
@@ -446,30 +481,55 @@ def canonical_redis(key: str, value: RedisValue, prefix: str = "hub") -> str:
     name = "hub" + key[len(prefix) :]
     if isinstance(value, dict):
         return name + " hash " + to_json(value)
+    if isinstance(value, tuple):
+        return name + " zset " + to_json(sorted([m, num(score)] for m, score in value))
     return name + " set " + to_json(sorted(value))
 
 
-# --- heartbeats that moved on ---------------------------------------------------------
+# --- volatile fields: heartbeats and check results that moved on ---------------------
 
 HEARTBEAT_COLUMNS = frozenset(PG_HEARTBEAT_COLUMNS)
 _HB_INDEXES = [i for i, c in enumerate(REGISTRY_COLUMNS) if c in HEARTBEAT_COLUMNS]
+# The infra_status columns (and component hash fields, named alike) its latest check sets.
+CHECK_COLUMNS = frozenset(("last_result", "checked_at", "response_time_ms", "error", "metadata",
+                           "consecutive_failures"))  # fmt: skip
+_CHECK_INDEXES = [i for i, c in enumerate(INFRA_COLUMNS) if c in CHECK_COLUMNS]
 
 
-def without_heartbeat(line: str) -> str:
-    """A canonical instance line without the fields its latest heartbeat sets.
+def volatile_of(key: str) -> str | None:
+    """What a rendered row or key is about when part of it is volatile: the row id of an
+    instance (``tenant/service/instance``: its heartbeat fields) or ``_infra/<name>`` for
+    an infrastructure component (its last check); None for anything else."""
+    if key.startswith("service_registry/"):
+        return key[len("service_registry/") :]
+    if key.startswith("infra_status/"):
+        return f"{INFRA_TENANT}/{key[len('infra_status/') :]}"
+    parts = key.split(":")
+    if len(parts) == 5 and parts[0] == "hub" and parts[2] == "inst":
+        return f"{parts[1]}/{parts[3]}/{parts[4]}"
+    if len(parts) == 4 and parts[:3] == ["hub", INFRA_TENANT, "component"]:
+        return f"{INFRA_TENANT}/{parts[3]}"
+    return None
 
-    The log keeps only each instance's latest heartbeat, so when a newer one lands
-    past a view's checkpoint, the one the view applied is gone from the log: the
-    fold up to the checkpoint cannot reproduce those fields, everything else it can.
+
+def without_volatile(line: str) -> str:
+    """A canonical line without the fields that the latest heartbeat (an instance) or
+    the latest check result (an infrastructure component) sets.
+
+    The log keeps only each instance's latest heartbeat and each component's latest
+    check, so when a newer one lands past a view's checkpoint, the one the view applied
+    is gone from the log: the fold up to the checkpoint cannot reproduce those fields,
+    everything else it can.
     """
     head, _, body = line.partition(" ")
-    if head == "service_registry":
+    if head in ("service_registry", "infra_status"):
         values = from_json(body)
-        for i in _HB_INDEXES:
+        for i in _HB_INDEXES if head == "service_registry" else _CHECK_INDEXES:
             values[i] = None
         return head + " " + to_json(values)
     name, kind, body = line.split(" ", 2)
-    fields = {k: v for k, v in from_json(body).items() if k not in HEARTBEAT_COLUMNS}
+    drop = CHECK_COLUMNS if name.startswith(f"hub:{INFRA_TENANT}:component:") else HEARTBEAT_COLUMNS
+    fields = {k: v for k, v in from_json(body).items() if k not in drop}
     return f"{name} {kind} " + to_json(fields)
 
 

@@ -28,6 +28,8 @@ from hub.infra._reader import InfraConfigError, Node, describe, load_yaml
 __all__ = [
     "DEFAULT_INTERVAL_S",
     "DEFAULT_TIMEOUT_S",
+    "HUB_INTERVAL_S",
+    "HUB_TIMEOUT_S",
     "METHODS",
     "SECTIONS",
     "AlertsConfig",
@@ -50,7 +52,11 @@ METHODS: tuple[Method, ...] = get_args(Method)
 SECTIONS: tuple[str, ...] = ("databases", "messaging", "search")
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_INTERVAL_S = 30.0
-HUB_INTERVAL_S = 15.0
+# The hub's own stack is checked more often, each check under a timeout below the interval:
+# a frozen store (a SIGSTOPped Redis) is UNHEALTHY after HUB_INFRA_FAILURES (2) checks, so
+# within about two intervals.
+HUB_INTERVAL_S = 5.0
+HUB_TIMEOUT_S = 2.0
 
 _TOP_KEYS = (*SECTIONS, "service_dependencies", "alerts")
 _COMPONENT_KEYS = (
@@ -398,6 +404,7 @@ def default_components(config: HubConfig) -> InfraConfig:
             HealthCheck(
                 method="postgres",
                 interval=HUB_INTERVAL_S,
+                timeout=HUB_TIMEOUT_S,
                 user=config.postgres_user,
                 database=config.postgres_db,
                 password_env="POSTGRES_PASSWORD",
@@ -409,19 +416,24 @@ def default_components(config: HubConfig) -> InfraConfig:
             "databases",
             "redis",
             HealthCheck(
-                method="redis_ping", interval=HUB_INTERVAL_S, password_env="DRAGONFLY_PASSWORD"
+                method="redis_ping",
+                interval=HUB_INTERVAL_S,
+                timeout=HUB_TIMEOUT_S,
+                password_env="DRAGONFLY_PASSWORD",
             ),
         ),
     ]
     nats = [_host_port(url, 4222, "nats_urls") for url in config.nats_urls]
-    nats_check = HealthCheck(method="nats", interval=HUB_INTERVAL_S)
+    nats_check = HealthCheck(method="nats", interval=HUB_INTERVAL_S, timeout=HUB_TIMEOUT_S)
     components += [
         _hub_component(name, address, "messaging", "nats", nats_check)
         for name, address in _numbered("hub-nats", nats)
     ]
     if config.event_log == "kafka":
         brokers = [_host_port(b, 9092, "kafka_brokers") for b in config.kafka_brokers]
-        kafka_check = HealthCheck(method="kafka_admin", interval=HUB_INTERVAL_S)
+        kafka_check = HealthCheck(
+            method="kafka_admin", interval=HUB_INTERVAL_S, timeout=HUB_TIMEOUT_S
+        )
         components += [
             _hub_component(name, address, "messaging", "kafka", kafka_check)
             for name, address in _numbered("hub-kafka", brokers)

@@ -113,12 +113,14 @@ class DevOutput:
 
 HUB_RUN = "-m hub run"
 VIEWS = "hub.views_process"
+QUERY_SERVER = "hub.query_server"
 
 
 async def test_hub_dev_restarts_what_dies_and_loses_nothing(stack_root):
-    """Under `hub dev`, SIGKILL to the views process, to the PostgreSQL postmaster and to the
-    hub child: each comes back by itself (a new, live pid; the dead one reaped), and every
-    registration that got a PubAck (before, and while each was down) ends up in
+    """Under `hub dev`, SIGKILL to the views process, to the PostgreSQL postmaster, to the
+    Redis-protocol server (restarted empty: the view heals itself), to a query server and
+    to the hub child: each comes back by itself (a new, live pid; the dead one reaped),
+    and every registration that got a PubAck (before, and while each was down) ends up in
     PostgreSQL's service_registry and in hub.query.services at the last PubAck's
     sequence. Ctrl-C then stops everything as before."""
     data = stack_root / "hub-dev-supervised"
@@ -227,7 +229,33 @@ async def test_hub_dev_restarts_what_dies_and_loses_nothing(stack_root):
         postmaster = await until("a new postmaster", new_postmaster, 60)
         await until("every PubAck'd registration kept", everything_kept, 90)
 
-        # 3. The hub child: dev starts another one, which serves (after its standby wait).
+        # 3. The Redis-protocol server (a child of dev, memory only): dev starts it again,
+        # empty; the hub's projector notices the lost view and rebuilds it from the log.
+        valkey = child_running(proc.pid, "valkey-server")
+        assert valkey is not None, fail_text()
+        os.kill(valkey, signal.SIGKILL)
+        await register("redis-down")
+        await until("dev reports valkey", lambda: out.count("valkey exited with code -9"), 30)
+        await until("the valkey server reaped", lambda: reaped(valkey), 30)
+        new_valkey = await until(
+            "a new valkey server", lambda: child_running(proc.pid, "valkey-server"), 60
+        )
+        assert new_valkey != valkey
+        await until("every PubAck'd registration kept", everything_kept, 90)
+        views_status = (await query(nc, "hub.query.status", {}))["data"]["views"]
+        assert views_status["redis-registry"]["rebuilt"] >= 1, views_status
+
+        # 4. A query server (a child of the hub child): the hub starts another one.
+        server = child_running(hub, QUERY_SERVER)
+        assert server is not None, fail_text()
+        os.kill(server, signal.SIGKILL)
+        await until("the query server reaped", lambda: reaped(server), 30)
+        new_server = await until("a new query server", lambda: child_running(hub, QUERY_SERVER), 60)
+        assert new_server != server
+        await register("query-server-down")
+        await until("every PubAck'd registration kept", everything_kept, 60)
+
+        # 5. The hub child: dev starts another one, which serves (after its standby wait).
         os.kill(hub, signal.SIGKILL)
         await register("hub-down")
         await until("dev reports the hub", lambda: out.count("hub exited with code -9"), 30)

@@ -47,6 +47,7 @@ from events.model import (
     ServiceRegistered,
     partition_key,
 )
+from projections.port import ViewLost
 from projections.postgres import PostgresRegistryProjection
 from projections.redis import RedisRegistryProjection
 from projections.render import (
@@ -567,3 +568,89 @@ async def test_pg_verify_tells_a_number_from_a_string_in_metadata(views):
         await pool.execute("UPDATE service_registry SET metadata = $1::jsonb", changed)
         _, lines = await pg.snapshot()
         assert differences(expected_lines("pg", log), lines), changed
+
+
+@pytest.mark.parametrize("cache", [50_000, 0])
+async def test_the_index_and_counts_follow_entries_exits_and_status_changes(redis_server, cache):
+    """Redis, with and without its cache: each batch of a scripted history (instances
+    registered, heartbeating, changing health, flapping and back, deregistered, expired,
+    registered again) leaves the tenant's index (``hub:<t>:index``) and the per-service
+    counts (``hub:<t>:counts:<service>``) exactly as the fold renders them: an instance
+    that leaves is removed from the index, a count that comes to 0 disappears."""
+    client = aioredis.Redis(host=redis_server.host, port=redis_server.port, decode_responses=True)
+    await client.flushdb()
+    view = RedisRegistryProjection(client, cache=cache)
+    reg = {"host": "h", "port": 1}
+    orders, pay = {"service_name": "orders"}, {"service_name": "pay.v2"}
+    batches = [
+        [_event(ServiceRegistered, 1, **orders, instance_id="i-1", **reg),
+         _event(ServiceRegistered, 2, **orders, instance_id="i-2", **reg)],
+        [_event(ServiceRegistered, 3, **pay, instance_id="i-1", **reg),
+         _event(HeartbeatReceived, 4, **orders, instance_id="i-1", status="degraded")],
+        [_event(InstanceHealthChanged, 5, **orders, instance_id="i-2", previous="healthy",
+                status="unhealthy", reason="r")],
+        [_event(FlappingStarted, 6, **orders, instance_id="i-1", changes=5, window_s=30.0,
+                status="degraded")],
+        [_event(FlappingEnded, 7, **orders, instance_id="i-1", previous="degraded",
+                status="healthy", quiet_s=10.0)],
+        [_event(ServiceDeregistered, 8, **orders, instance_id="i-2")],
+        [_event(InstanceHealthChanged, 9, **pay, instance_id="i-1", previous="healthy",
+                status="critical", reason="no heartbeat"),
+         _event(InstanceExpired, 10, **pay, instance_id="i-1", last_seen=1.0,
+                critical_since=2.0)],
+        [_event(ServiceRegistered, 11, **orders, instance_id="i-2", **reg),
+         _event(ServiceDeregistered, 12, **orders, instance_id="i-1")],
+    ]  # fmt: skip
+    log = _log(*[e for batch in batches for e in batch])
+    done = 0
+    try:
+        for batch in batches:
+            await view.apply(log[done : done + len(batch)])
+            done += len(batch)
+            _, lines = await view.snapshot()
+            assert not differences(expected_lines("redis", log[:done]), lines), done
+        assert await client.zrange("hub:default:index", 0, -1) == ["orders i-2"]
+        assert await client.hgetall("hub:default:counts:orders") == {
+            "status:healthy": "1", "trusted": "1"}  # fmt: skip
+        assert not await client.exists("hub:default:counts:pay.v2")
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize("kind", ["pg", "redis"])
+async def test_a_batch_is_not_applied_over_a_lost_view(views, kind):
+    """Both views: a projection applies a batch; its view is then emptied (Redis:
+    FLUSHALL; PostgreSQL: every table truncated) or replaced by an older rebuild (what
+    ``hub replay`` does, through another projection object). Its next batch raises
+    ViewLost and writes nothing, where it used to apply the records in hand over the
+    hole and carry on; ``examine`` says the same; ``rebuild`` makes it whole again."""
+    pg, rds, pool, client = views
+    view = pg if kind == "pg" else rds
+    reg = {"service_name": "orders", "host": "h", "port": 1}
+    log = _log(*[_event(ServiceRegistered, n, instance_id=f"i-{n}", **reg) for n in range(1, 7)])
+    await view.apply(log[:4])
+
+    async def wipe() -> None:
+        if kind == "pg":
+            await pool.execute(RESET_PG)
+        else:
+            await client.flushdb()
+
+    async def older() -> None:
+        other = (PostgresRegistryProjection(pool) if kind == "pg"
+                 else RedisRegistryProjection(client))  # fmt: skip
+        await other.rebuild(fold_view(r.event for r in log[:2]), advance({}, log[:2]))
+
+    for lose in (wipe, older):
+        await lose()
+        before = await view.snapshot()
+        with pytest.raises(ViewLost):
+            await view.apply(log[4:])
+        with pytest.raises(ViewLost):
+            await view.examine()
+        assert await view.snapshot() == before, lose.__name__  # nothing written
+        await view.rebuild(fold_view(r.event for r in log[:4]), advance({}, log[:4]))
+        assert covers(await view.apply(log[4:]), advance({}, log))
+        _, lines = await view.snapshot()
+        assert not differences(expected_lines(kind, log), lines)
+        await view.rebuild(fold_view(r.event for r in log[:4]), advance({}, log[:4]))

@@ -40,6 +40,7 @@ def test_hub_service_sets_every_variable_the_hub_reads():
     assert config.event_log == "kafka"
     assert len(config.nats_urls) == 3
     assert config.kafka_brokers == ("suho-kafka:9092",)
+    assert config.query_servers >= 1  # the hub starts query servers: queries are answered
 
 
 def test_hub_points_at_services_defined_in_the_file():

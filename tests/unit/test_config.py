@@ -35,3 +35,17 @@ def test_bad_values_fail_naming_the_variable(env, named):
     """Each malformed variable is a ConfigError whose message names it."""
     with pytest.raises(ConfigError, match=named):
         HubConfig.from_env(env)
+
+
+def test_query_servers_and_timeout_come_from_the_environment():
+    """HUB_QUERY_SERVERS (1 by default; 0: none started, they run elsewhere) and
+    HUB_QUERY_TIMEOUT_S (2 s by default) are read; a negative count or a zero timeout is
+    refused, naming the variable."""
+    assert (HubConfig().query_servers, HubConfig().query_timeout_s) == (1, 2.0)
+    c = HubConfig.from_env({"HUB_QUERY_SERVERS": "0", "HUB_QUERY_TIMEOUT_S": "0.5"})
+    assert (c.query_servers, c.query_timeout_s) == (0, 0.5)
+    assert HubConfig.from_env(c.to_env()) == c
+    with pytest.raises(ConfigError, match="HUB_QUERY_SERVERS"):
+        HubConfig.from_env({"HUB_QUERY_SERVERS": "-1"})
+    with pytest.raises(ConfigError, match="HUB_QUERY_TIMEOUT_S"):
+        HubConfig.from_env({"HUB_QUERY_TIMEOUT_S": "0"})

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from hub.config import HubConfig
 from hub.infra.config import (
+    HUB_INTERVAL_S,
     METHODS,
     SECTIONS,
     InfraConfig,
@@ -286,7 +287,8 @@ def test_expected_status_and_http_defaults() -> None:
 
 def test_default_components_follow_the_event_log() -> None:
     """Without a file the hub watches its PostgreSQL, Redis and NATS servers, and Kafka only
-    when Kafka is its event log; all critical, every 15 s."""
+    when Kafka is its event log; all critical, every 5 s, each check timing out before the
+    next is due (so a frozen server is UNHEALTHY within about two intervals)."""
     jetstream = default_components(HubConfig())
     assert [c.name for c in jetstream.components] == ["hub-postgres", "hub-redis", "hub-nats"]
     kafka = default_components(
@@ -302,7 +304,9 @@ def test_default_components_follow_the_event_log() -> None:
         ("hub-kafka-1", "k1", 9092, "kafka_admin"),
         ("hub-kafka-2", "k2", 9092, "kafka_admin"),
     ]
-    assert all(c.critical and c.health_check.interval == 15 for c in kafka.components)
+    assert HUB_INTERVAL_S == 5
+    assert all(c.critical and c.health_check.interval == HUB_INTERVAL_S for c in kafka.components)
+    assert all(c.health_check.timeout < HUB_INTERVAL_S for c in kafka.components)
 
 
 def test_default_components_keep_no_secret() -> None:
