@@ -1,5 +1,6 @@
-"""What the hub's child processes (the views process, the query servers) share: the
-environment they start with, and dying with the hub.
+"""What the hub's child processes (the views process, the query servers) share: how
+they are started (``spawn_child``), the environment they start with, and dying with
+the hub.
 
 A child ends when its stdin closes, which it notices once it reads its stdin. One that
 is still starting (connecting to servers that may be gone) does not read it yet, so on
@@ -9,6 +10,7 @@ Linux each child also asks the kernel to kill it when the hub dies
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 PARENT_ENV = "HUB_PARENT_PID"
+READER_LIMIT = 2**16  # asyncio's default
 _PR_SET_PDEATHSIG = 1
 
 
@@ -41,3 +44,29 @@ def die_with_parent() -> None:
     parent = os.environ.get(PARENT_ENV)
     if parent is not None and parent.isdigit() and os.getppid() != int(parent):
         os._exit(0)  # the hub died before the request above: nothing to serve
+
+
+async def spawn_child(
+    module: str, *, limit: int = READER_LIMIT
+) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader]:
+    """Start ``module.main([fd])`` in a child process of the hub; returns the process and
+    the reader of a pipe of its own back to the hub (``fd`` in the child).
+
+    Its stdin is a pipe from the hub (what the child is told; closing it ends the
+    child). It runs in its own session: a terminal's Ctrl-C reaches the hub only, which
+    then stops it by closing its stdin. Its environment is ``child_env()``.
+    """
+    back_r, back_w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", f"import sys, {module} as m; sys.exit(m.main(sys.argv[1:]))",
+            str(back_w), stdin=asyncio.subprocess.PIPE, pass_fds=(back_w,), env=child_env(),
+            start_new_session=True,
+        )  # fmt: skip
+    finally:
+        os.close(back_w)
+    reader = asyncio.StreamReader(limit=limit)
+    await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(back_r, "rb", 0)
+    )
+    return proc, reader

@@ -29,7 +29,6 @@ import pickle
 import signal
 import socket
 import struct
-import sys
 import time
 from typing import Any
 
@@ -43,7 +42,7 @@ from redis.backoff import NoBackoff
 
 from events.subjects import INGRESS_CONSUMER, INGRESS_STREAM
 from hub import natsconn
-from hub.children import child_env, die_with_parent
+from hub.children import die_with_parent, spawn_child
 from hub.config import HubConfig
 from hub.logs import configure, configured
 from hub.metrics import Metrics
@@ -256,22 +255,7 @@ class QueryServers:
         return not pending
 
     async def _spawn(self) -> tuple[asyncio.subprocess.Process, asyncio.StreamReader]:
-        back_r, back_w = os.pipe()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "import sys, hub.query_server as q; "
-                "sys.exit(q.main(sys.argv[1:]))", str(back_w),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(back_w,), env=child_env(),
-                # Its own session: a terminal's Ctrl-C reaches the hub only, which then
-                # stops its query servers by closing their stdin.
-                start_new_session=True,
-            )  # fmt: skip
-        finally:
-            os.close(back_w)
-        reader = asyncio.StreamReader()
-        await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(back_r, "rb", 0)
-        )
+        proc, reader = await spawn_child("hub.query_server")
         assert proc.stdin is not None
         payload = pickle.dumps((self._config, configured()))
         proc.stdin.write(_HEADER.pack(len(payload)) + payload)

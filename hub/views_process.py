@@ -28,7 +28,6 @@ import contextlib
 import os
 import pickle
 import struct
-import sys
 import time
 from collections.abc import Sequence
 
@@ -37,7 +36,7 @@ import structlog
 
 from events.log import LogRecord, Positions
 from events.model import AnyEvent
-from hub.children import child_env, die_with_parent
+from hub.children import die_with_parent, spawn_child
 from hub.config import HubConfig
 from hub.logs import configure, configured
 from hub.metrics import Metrics
@@ -145,23 +144,9 @@ class ViewsProcess:
 
     async def _spawn(self) -> None:
         # The frames back come on a pipe of their own: the child's stdout is only for
-        # what a library might print.
-        back_r, back_w = os.pipe()
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "import sys, hub.views_process as v; "
-                "sys.exit(v.main(sys.argv[1:]))", str(back_w),
-                stdin=asyncio.subprocess.PIPE, pass_fds=(back_w,), env=child_env(),
-                # Its own session: a terminal's Ctrl-C reaches the hub only, which then
-                # lets the views catch up before it closes the child's stdin.
-                start_new_session=True,
-            )  # fmt: skip
-        finally:
-            os.close(back_w)
-        reader = asyncio.StreamReader(limit=MAX_FRAME)
-        await asyncio.get_running_loop().connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(back_r, "rb", 0)
-        )
+        # what a library might print. (Its Ctrl-C goes to the hub, which lets the views
+        # catch up before it closes the child's stdin.)
+        proc, reader = await spawn_child("hub.views_process", limit=MAX_FRAME)
         # From here on without a pause: the reset carries the positions appended up to
         # now, every later append follows it (what was skipped before, the child reads
         # from the log anyway).
