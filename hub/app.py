@@ -27,7 +27,7 @@ from hub.infra.monitor import InfraMonitor, monitored
 from hub.ingest import Ingest, ingress_first_seq
 from hub.metrics import Metrics
 from hub.progress import Progress, ProgressFeed
-from hub.query_server import QueryServers
+from hub.query_server import READY_TIMEOUT_S, QueryServers
 from hub.status import HubStatus
 from hub.supervise import supervise
 from hub.tail import LogTail
@@ -220,7 +220,16 @@ class Hub:
         self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
                                     recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
         await self.monitor.start()
-        await self.query_servers.ready()
+        # Started means answering: the query servers subscribed, and each view's
+        # projector attached to its view (until then a query of an empty view would wait
+        # for it, then answer UNAVAILABLE). Bounded: a view being rebuilt from a long log
+        # answers UNAVAILABLE meanwhile, and says so.
+        views = [p.name for p in self.projections]
+        _, attached = await asyncio.gather(
+            self.query_servers.ready(), self.progress.reported(views, READY_TIMEOUT_S)
+        )
+        if not attached:
+            log.warning("views_not_attached_yet", views=views, timeout_s=READY_TIMEOUT_S)
         log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls),
                  query_servers=self.query_servers.pids)  # fmt: skip
 

@@ -146,6 +146,16 @@ class Progress:
         need = self.needed(min_seq)
         return need is not None and covers(self.views.get(view, {}), need)
 
+    async def reported(self, views: list[str], timeout: float) -> bool:
+        """Wait until each of ``views`` has reported what it applied (its projector has
+        attached to it); False after ``timeout`` seconds."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: all(v in self.views for v in views))
+            return True
+        except TimeoutError:
+            return False
+
     async def wait(self, view: str, min_seq: int, timeout: float) -> bool:
         """Wait until ``view`` reflects ``min_seq``; False after ``timeout`` seconds."""
         try:
