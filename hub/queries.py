@@ -59,6 +59,7 @@ from projections.redis import index_member
 from projections.redis_read import (
     count_instances,
     health_of,
+    instance_json,
     instance_view,
     is_healthy,
     overall,
@@ -702,7 +703,7 @@ class QueryService:
     async def _page(
         self, tenant: str, *, service: str | None, limit: int, after: str | None,
         keep: Callable[[dict[str, Any]], bool] | None = None, grouped: bool = True,
-    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:  # fmt: skip
+    ) -> tuple[list[tuple[str, Any]], str | None]:  # fmt: skip
         """One page: the tenant's instances (only ``service``'s if given) in (service,
         instance) order after the index member ``after``, those ``keep`` accepts; returns
         them as (service name, instance) rows, and the member the next page starts after
@@ -727,10 +728,15 @@ class QueryService:
             for i, (m, h) in enumerate(zip(members, hashes, strict=False)):
                 scanned += 1
                 if h:
-                    inst = instance_view(h, preserving=preserving)
+                    inst: Any
+                    if keep is None:  # answered as read: the doc is not parsed
+                        inst = instance_json(h, preserving=preserving)
+                        cost = len(inst) + 1
+                    else:
+                        inst = instance_view(h, preserving=preserving)
+                        cost = len(_encode_json(inst)) + 1
                     if keep is None or keep(inst):
                         svc = split_member(m)[0]
-                        cost = len(_encode_json(inst)) + 1
                         if grouped and svc != group:
                             cost += len(svc) + GROUP_BYTES
                         if rows and size + cost > self._reply_budget:

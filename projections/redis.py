@@ -4,7 +4,9 @@ Keys (``<t>`` = tenant):
 
 * ``hub:<t>:services``                  SET of services with live instances
 * ``hub:<t>:svc:<service>``             SET of the service's live instance ids
-* ``hub:<t>:inst:<service>:<instance>`` HASH of one live instance
+* ``hub:<t>:inst:<service>:<instance>`` HASH of one live instance; its ``doc`` field
+                                        holds the fields that change only on
+                                        registration, rendered as answers show them
 * ``hub:<t>:index``                     ZSET of the live instances, every score 0, member
                                         ``<service> <instance>``: pages in (service,
                                         instance) order by ZRANGEBYLEX; ZCARD counts them

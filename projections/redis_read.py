@@ -8,10 +8,8 @@ counts the projection keeps (``hub:<t>:counts:<service>``).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -32,16 +30,17 @@ from projections.redis import (
     services_key,
     view_key,
 )
+from projections.render import instance_doc, iso
 
 # Just above the separator: the end of one service's members in the index.
 _AFTER_SEP = chr(ord(INDEX_SEP) + 1)
 
-# The instance fields a query shows, read in this order (``instance_view``).
+# The instance fields a query reads, in this order: the rendered ``doc`` of the
+# fields that change only on registration, then those that change with heartbeats and
+# status (``instance_view``, ``instance_json``).
 VIEW_FIELDS = (
-    "instance_id", "service_name", "host", "port", "protocol", "version", "health_endpoint",
-    "status", "flapping", "reported_status", "status_since", "ttl_s", "expire_after_s",
-    "checks", "metadata", "transport_preferences", "depends_on", "heartbeat_interval_s",
-    "load", "registered_at", "last_seen",
+    "doc", "status", "flapping", "reported_status", "status_since", "checks", "load",
+    "last_seen",
 )  # fmt: skip
 # Many instances in one command: one reply of values only, which the (C) parser reads
 # at once, where a pipeline of HGETALLs cost the client a parse, a timeout and a
@@ -59,57 +58,47 @@ READ_INSTANCES_SHA = hashlib.sha1(READ_INSTANCES.encode()).hexdigest()
 READ_CHUNK = 250
 
 _json = msgspec.json.Decoder()
+_encode = msgspec.json.Encoder().encode
 
 
-def iso(seconds: str | None) -> str | None:
-    if seconds is None:
-        return None
-    return _iso(seconds)
-
-
-@functools.lru_cache(maxsize=65_536)
-def _iso(seconds: str) -> str:
-    # Cached: most of an instance's times (registered_at, status_since) do not change
-    # from one query to the next, and formatting them was most of an instance's cost.
-    return datetime.fromtimestamp(float(seconds), UTC).isoformat().replace("+00:00", "Z")
-
-
-def instance_view(raw: list[str | None], *, preserving: bool = False) -> dict[str, Any]:
-    """One instance as the wire contract shows it, from its ``VIEW_FIELDS``.
-
-    ``at_risk``: the instance is critical while its tenant is in self-preservation,
-    so the hub is not sure it is really gone (it does not expire meanwhile).
-    """
-    (instance_id, service_name, host, port, protocol, version, health_endpoint, status,
-     flapping, reported_status, status_since, ttl_s, expire_after_s, checks, metadata,
-     transport_preferences, depends_on, heartbeat_interval_s, load, registered_at,
-     last_seen) = raw  # fmt: skip
-    assert status is not None and port is not None and heartbeat_interval_s is not None
-    assert metadata is not None and transport_preferences is not None and depends_on is not None
+def _dynamic(raw: list[str | None], preserving: bool) -> dict[str, Any]:
+    """The fields of ``VIEW_FIELDS`` after ``doc`` as the answers show them (``checks``
+    left as the JSON it is stored as)."""
+    _, status, flapping, reported_status, status_since, checks, load, last_seen = raw
     return {
-        "instance_id": instance_id,
-        "service_name": service_name,
-        "host": host,
-        "port": int(port),
-        "protocol": protocol,
-        "version": version,
-        "health_endpoint": health_endpoint,
         "status": status,
         "flapping": flapping == "1",
         "at_risk": preserving and status == "critical",
         "reported_status": reported_status or status,
         "status_since": iso(status_since),
-        "ttl_s": float(ttl_s or 0.0),
-        "expire_after_s": float(expire_after_s or 0.0),
-        "checks": _json.decode(checks or "{}"),
-        "metadata": _json.decode(metadata),
-        "transport_preferences": _json.decode(transport_preferences),
-        "depends_on": _json.decode(depends_on),
-        "heartbeat_interval_s": float(heartbeat_interval_s),
+        "checks": msgspec.Raw((checks or "{}").encode()),
         "load": float(load) if load is not None else None,
-        "registered_at": iso(registered_at),
         "last_seen": iso(last_seen),
     }
+
+
+def instance_json(raw: list[str | None], *, preserving: bool = False) -> msgspec.Raw:
+    """One instance as the wire contract shows it, from its ``VIEW_FIELDS``, as JSON
+    ready to be embedded in an answer (its ``doc`` is not parsed).
+
+    ``at_risk``: the instance is critical while its tenant is in self-preservation,
+    so the hub is not sure it is really gone (it does not expire meanwhile).
+    """
+    doc = raw[0]
+    assert doc is not None
+    dynamic = _encode(_dynamic(raw, preserving))
+    return msgspec.Raw(doc[:-1].encode() + b"," + dynamic[1:])
+
+
+def instance_view(raw: list[str | None], *, preserving: bool = False) -> dict[str, Any]:
+    """One instance as the wire contract shows it, as a dict (for filters and picks)."""
+    doc = raw[0]
+    assert doc is not None
+    out: dict[str, Any] = _json.decode(doc)
+    dynamic = _dynamic(raw, preserving)
+    dynamic["checks"] = _json.decode(dynamic["checks"])
+    out.update(dynamic)
+    return out
 
 
 def is_healthy(instance: dict[str, Any]) -> bool:
@@ -203,7 +192,8 @@ async def read_instances(
     r: aioredis.Redis, tenant: str, members: list[str]
 ) -> list[list[str | None] | None]:
     """The ``VIEW_FIELDS`` of the instances of index members, in turn (None for one gone
-    since), in one command per READ_CHUNK (the script loaded again if the server lost it)."""
+    since), in one command per READ_CHUNK (the script loaded again if the server lost
+    it). An instance written before hashes carried ``doc`` gets it rendered here."""
     found: list[list[str | None] | None] = []
     for at in range(0, len(members), READ_CHUNK):
         keys = [instance_key(tenant, *split_member(m)) for m in members[at : at + READ_CHUNK]]
@@ -211,7 +201,14 @@ async def read_instances(
             rows = await r.evalsha(READ_INSTANCES_SHA, len(keys), *keys, *VIEW_FIELDS)
         except redis.exceptions.NoScriptError:
             rows = await r.eval(READ_INSTANCES, len(keys), *keys, *VIEW_FIELDS)
-        found += [row if row[0] is not None else None for row in rows]
+        older = [i for i, row in enumerate(rows) if row[0] is None and row[1] is not None]
+        if older:
+            async with r.pipeline(transaction=False) as pipe:
+                for i in older:
+                    pipe.hgetall(keys[i])
+                for i, h in zip(older, await pipe.execute(), strict=True):
+                    rows[i][0] = instance_doc(h) if h else None
+        found += [row if row[1] is not None and row[0] is not None else None for row in rows]
     return found
 
 

@@ -7,6 +7,7 @@ byte-for-byte statement.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -311,6 +312,46 @@ def expected_pg(view: ViewState) -> dict[str, str]:
 # --- Redis ---------------------------------------------------------------------------
 
 
+def iso(seconds: str | None) -> str | None:
+    """A time of the Redis view (``num``) as the query answers show it."""
+    if seconds is None:
+        return None
+    return _iso(seconds)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _iso(seconds: str) -> str:
+    # Cached: most of an instance's times (registered_at, status_since) do not change
+    # from one query to the next, and formatting them was most of an instance's cost.
+    return datetime.fromtimestamp(float(seconds), UTC).isoformat().replace("+00:00", "Z")
+
+
+_doc = msgspec.json.Encoder()
+
+
+def instance_doc(h: Mapping[str, str]) -> str:
+    """The ``doc`` field of an instance hash: the fields that change only when the
+    instance registers again, rendered from the hash's own fields as the query answers
+    show them (one JSON object), so that a page is answered without reading and
+    rendering them field by field."""
+    return _doc.encode({
+        "instance_id": h["instance_id"],
+        "service_name": h["service_name"],
+        "host": h["host"],
+        "port": int(h["port"]),
+        "protocol": h["protocol"],
+        "version": h["version"],
+        "health_endpoint": h["health_endpoint"],
+        "ttl_s": float(h.get("ttl_s", 0.0)),
+        "expire_after_s": float(h.get("expire_after_s", 0.0)),
+        "metadata": msgspec.Raw(h["metadata"].encode()),
+        "transport_preferences": msgspec.Raw(h["transport_preferences"].encode()),
+        "depends_on": msgspec.Raw(h["depends_on"].encode()),
+        "heartbeat_interval_s": float(h["heartbeat_interval_s"]),
+        "registered_at": iso(h.get("registered_at")),
+    }).decode()  # fmt: skip
+
+
 def redis_instance_hash(inst: Instance) -> dict[str, str]:
     h = {
         "service_name": inst.service_name,
@@ -331,6 +372,7 @@ def redis_instance_hash(inst: Instance) -> dict[str, str]:
         "status_since": num(inst.status_since),
         "flapping": "1" if inst.flapping else "0",
     }
+    h["doc"] = instance_doc(h)
     h.update(redis_heartbeat_fields(inst))
     return h
 

@@ -238,3 +238,27 @@ async def test_a_page_of_5000_returns_5000_and_filters_spend_a_bounded_scan(star
 
 # A page of 5,000 instances (~2.5 MB) fits.
 test_a_page_of_5000_returns_5000_and_filters_spend_a_bounded_scan.max_payload = 8 * 1024 * 1024  # type: ignore[attr-defined]
+
+
+async def test_an_instance_written_before_docs_is_answered_the_same(start_hub, nc, rds):
+    """A page answers an instance from its hash's rendered ``doc`` without parsing it;
+    an instance hash written before hashes carried ``doc`` (an older view) is answered
+    exactly the same, its doc rendered from its fields at read time."""
+    await start_hub()
+    regs = fleet("default", 12)
+    await register(nc, regs)
+    seq = await beat(nc, regs)
+    reply = await query(nc, "hub.query.services", {"min_seq": seq})
+    assert reply["success"], reply
+    before = [i for s in reply["data"] for i in s["instances"]]
+    assert len(before) == 12
+    keys = [k async for k in rds.scan_iter("hub:default:inst:*")]
+    assert len(keys) == 12 and all(await asyncio.gather(*(rds.hexists(k, "doc") for k in keys)))
+    for k in keys[::2]:
+        await rds.hdel(k, "doc")
+    again = await query(nc, "hub.query.services", {})
+    assert again["success"], again
+    assert [i for s in again["data"] for i in s["instances"]] == before
+    picked = await query(nc, "hub.query.instances", {"service_name": "a", "healthy_only": True})
+    assert picked["success"] and picked["data"], picked
+    assert all(i in before for i in picked["data"]), picked
