@@ -24,7 +24,7 @@ from nats.js.api import (
 from events.codec import encode_event
 from events.log import LogRecord, Positions
 from events.model import AnyEvent, Event, compaction_key
-from hub.eventlog.port import decode_records
+from hub.eventlog.port import EventLogNotFound, decode_records
 
 log = structlog.get_logger(__name__)
 
@@ -69,16 +69,25 @@ class JetStreamEventLog:
 
     name = "jetstream"
 
-    def __init__(self, nc: Client, *, stream: str = STREAM) -> None:
+    def __init__(self, nc: Client, *, stream: str = STREAM, read_only: bool = False) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
+        # A reader (replay, verify, the views process) neither creates nor reconfigures
+        # the stream, and cannot append.
+        self._read_only = read_only
         # The stream's last sequence after this writer's last append (or at start);
         # None: unknown (the next append acknowledges each message and reads it again).
         self._last_seq: int | None = None
         self.exclusive = False
 
     async def start(self) -> None:
+        if self._read_only:
+            try:
+                await self._js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError as exc:
+                raise EventLogNotFound(f"JetStream stream {self.stream!r} does not exist") from exc
+            return
         config = StreamConfig(
             name=self.stream,
             subjects=[f"{SUBJECT_PREFIX}.>"],
@@ -110,6 +119,8 @@ class JetStreamEventLog:
         acknowledging each message: duplicates (``Nats-Msg-Id``) then report where
         they were stored, and a refusal raises, so the caller retries the batch.
         """
+        if self._read_only:
+            raise RuntimeError("JetStreamEventLog: append on a read-only log")
         if not events:
             return []
         msgs = [_message(e) for e in events]
@@ -177,3 +188,4 @@ class JetStreamEventLog:
                 await sub.unsubscribe()
             except Exception:  # best effort: the consumer also expires on its own
                 log.debug("jetstream_unsubscribe_failed")
+

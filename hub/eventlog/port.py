@@ -12,10 +12,14 @@ from events.codec import decode_event
 from events.log import LogRecord, Positions
 from events.model import Event
 
-__all__ = ["EventLog", "LogRecord", "Positions", "decode_records"]
+__all__ = ["EventLog", "EventLogNotFound", "LogRecord", "Positions", "decode_records"]
 
 log = structlog.get_logger(__name__)
 NOT_AN_EVENT = (msgspec.DecodeError, TypeError)  # TypeError: no value at all (None)
+
+
+class EventLogNotFound(LookupError):
+    """A log opened read-only does not exist (a reader never creates it)."""
 
 
 def decode_records(raw: list[tuple[int, int, bytes | None]]) -> list[LogRecord]:
@@ -51,7 +55,12 @@ class EventLog(Protocol):
     exclusive: bool
 
     async def start(self) -> None:
-        """Connect, and create the log (topic / stream) if it does not exist."""
+        """Connect, and create the log (topic / stream) if it does not exist.
+
+        A log opened read-only (``hub.app.make_event_log(..., read_only=True)``: replay,
+        verify, the views process) neither creates the log nor changes its settings:
+        ``EventLogNotFound`` if it does not exist; its ``append`` raises RuntimeError.
+        """
 
     async def close(self) -> None: ...
 
