@@ -12,6 +12,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -181,7 +182,7 @@ class JetStreamEventLog:
                     yield records
                 if msgs:
                     first = msgs[-1].metadata.sequence.stream + 1
-                if not follow and (first >= end or not msgs):
+                if not follow and (first >= end or (not msgs and await _drained(sub, first))):
                     return
         finally:
             try:
@@ -189,3 +190,16 @@ class JetStreamEventLog:
             except Exception:  # best effort: the consumer also expires on its own
                 log.debug("jetstream_unsubscribe_failed")
 
+
+async def _drained(sub: JetStreamContext.PullSubscription, first: int) -> bool:
+    """Whether an empty fetch really found the stream's end for a reader at ``first``.
+
+    A fetch also comes back empty when the server was slow to answer (busy, starved of
+    CPU) or the answer came after the fetch gave up: the end is reached only if the
+    consumer has nothing left to deliver and nothing it delivered is still on its way.
+    (Messages between ``first`` and the end seen at the start may have been rolled up
+    since: then the consumer has nothing pending although ``first`` is below the end.)
+    """
+    info = await sub.consumer_info()
+    delivered = info.delivered.stream_seq if info.delivered is not None else 0
+    return info.num_pending == 0 and delivered < first
