@@ -41,14 +41,16 @@ log = structlog.get_logger(__name__)
 
 
 def make_event_log(config: HubConfig, nc: Client | None, *, read_only: bool = False) -> EventLog:
-    """The configured event log; ``read_only`` for tools that must not append."""
+    """The configured event log; ``read_only`` for readers (replay, verify, the views
+    process): it cannot append, and ``start`` neither creates the log nor changes its
+    settings (``EventLogNotFound`` when it does not exist)."""
     if config.event_log == "kafka":
         return KafkaEventLog(config.kafka_brokers, config.kafka_topic,
                              partitions=config.kafka_partitions, read_only=read_only,
                              segment_ms=config.kafka_segment_ms)  # fmt: skip
     if nc is None:
         raise ValueError("the JetStream event log needs a NATS connection")
-    return JetStreamEventLog(nc)
+    return JetStreamEventLog(nc, read_only=read_only)
 
 
 async def connect_postgres(config: HubConfig, *, timeout: float = 30.0) -> asyncpg.Pool:

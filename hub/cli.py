@@ -104,6 +104,7 @@ def _views(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    from hub.eventlog.port import EventLogNotFound
     from hub.replay import Connections, replay
 
     config = _configured()
@@ -120,11 +121,16 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"hub replay: rebuilt {', '.join(views)} from the {config.event_log} log "
               f"up to {positions}")  # fmt: skip
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except EventLogNotFound as exc:
+        print(f"hub replay: {exc} (check the configured event log)", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    from hub.eventlog.port import EventLogNotFound
     from hub.replay import Connections, verify
 
     config = _configured()
@@ -151,7 +157,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 print(f"  ... and {len(r.problems) - args.max_problems} more")
         return all(r.ok for r in reports)
 
-    return 0 if asyncio.run(run()) else 1
+    try:
+        ok = asyncio.run(run())
+    except EventLogNotFound as exc:
+        print(f"hub verify: {exc} (check the configured event log)", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:

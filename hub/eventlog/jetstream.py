@@ -12,6 +12,7 @@ import nats.errors
 import nats.js.errors
 import structlog
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -24,7 +25,7 @@ from nats.js.api import (
 from events.codec import encode_event
 from events.log import LogRecord, Positions
 from events.model import AnyEvent, Event, compaction_key
-from hub.eventlog.port import decode_records
+from hub.eventlog.port import EventLogNotFound, decode_records
 
 log = structlog.get_logger(__name__)
 
@@ -69,16 +70,25 @@ class JetStreamEventLog:
 
     name = "jetstream"
 
-    def __init__(self, nc: Client, *, stream: str = STREAM) -> None:
+    def __init__(self, nc: Client, *, stream: str = STREAM, read_only: bool = False) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.stream = stream
+        # A reader (replay, verify, the views process) neither creates nor reconfigures
+        # the stream, and cannot append.
+        self._read_only = read_only
         # The stream's last sequence after this writer's last append (or at start);
         # None: unknown (the next append acknowledges each message and reads it again).
         self._last_seq: int | None = None
         self.exclusive = False
 
     async def start(self) -> None:
+        if self._read_only:
+            try:
+                await self._js.stream_info(self.stream)
+            except nats.js.errors.NotFoundError as exc:
+                raise EventLogNotFound(f"JetStream stream {self.stream!r} does not exist") from exc
+            return
         config = StreamConfig(
             name=self.stream,
             subjects=[f"{SUBJECT_PREFIX}.>"],
@@ -110,6 +120,8 @@ class JetStreamEventLog:
         acknowledging each message: duplicates (``Nats-Msg-Id``) then report where
         they were stored, and a refusal raises, so the caller retries the batch.
         """
+        if self._read_only:
+            raise RuntimeError("JetStreamEventLog: append on a read-only log")
         if not events:
             return []
         msgs = [_message(e) for e in events]
@@ -170,10 +182,24 @@ class JetStreamEventLog:
                     yield records
                 if msgs:
                     first = msgs[-1].metadata.sequence.stream + 1
-                if not follow and (first >= end or not msgs):
+                if not follow and (first >= end or (not msgs and await _drained(sub, first))):
                     return
         finally:
             try:
                 await sub.unsubscribe()
             except Exception:  # best effort: the consumer also expires on its own
                 log.debug("jetstream_unsubscribe_failed")
+
+
+async def _drained(sub: JetStreamContext.PullSubscription, first: int) -> bool:
+    """Whether an empty fetch really found the stream's end for a reader at ``first``.
+
+    A fetch also comes back empty when the server was slow to answer (busy, starved of
+    CPU) or the answer came after the fetch gave up: the end is reached only if the
+    consumer has nothing left to deliver and nothing it delivered is still on its way.
+    (Messages between ``first`` and the end seen at the start may have been rolled up
+    since: then the consumer has nothing pending although ``first`` is below the end.)
+    """
+    info = await sub.consumer_info()
+    delivered = info.delivered.stream_seq if info.delivered is not None else 0
+    return info.num_pending == 0 and delivered < first

@@ -33,7 +33,7 @@ from aiokafka.partitioner import murmur2
 from events.codec import encode_event
 from events.log import LogRecord, Positions
 from events.model import AnyEvent, Event, compaction_key, partition_key
-from hub.eventlog.port import decode_records
+from hub.eventlog.port import EventLogNotFound, decode_records
 from hub.writer import Fenced
 
 log = structlog.get_logger(__name__)
@@ -115,6 +115,8 @@ class KafkaEventLog:
                         ConfigResourceType.TOPIC, self.topic, configs=self._topic_config
                     )
                     await admin.alter_configs([resource])
+            elif self._read_only:  # a reader never creates the log (a wrong name, say)
+                raise EventLogNotFound(f"Kafka topic {self.topic!r} does not exist")
             else:
                 with contextlib.suppress(TopicAlreadyExistsError):
                     await admin.create_topics([

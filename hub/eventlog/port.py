@@ -12,10 +12,14 @@ from events.codec import decode_event
 from events.log import LogRecord, Positions
 from events.model import Event
 
-__all__ = ["EventLog", "LogRecord", "Positions", "decode_records"]
+__all__ = ["EventLog", "EventLogNotFound", "LogRecord", "Positions", "decode_records"]
 
 log = structlog.get_logger(__name__)
 NOT_AN_EVENT = (msgspec.DecodeError, TypeError)  # TypeError: no value at all (None)
+
+
+class EventLogNotFound(LookupError):
+    """A log opened read-only does not exist (a reader never creates it)."""
 
 
 def decode_records(raw: list[tuple[int, int, bytes | None]]) -> list[LogRecord]:
@@ -43,7 +47,16 @@ def decode_records(raw: list[tuple[int, int, bytes | None]]) -> list[LogRecord]:
 
 
 class EventLog(Protocol):
-    """An append-only, partitioned, replayable log of events."""
+    """An append-only, partitioned, replayable log of events.
+
+    Adapters: ``JetStreamEventLog``, ``KafkaEventLog``, ``MemoryEventLog``; the contract
+    suite (``tests/integration/test_event_log_contract.py``) holds each to this page.
+    Positions are per partition (see ``events.log``); records of one partition are read
+    in position order, partitions in no particular order between them. Only the latest
+    event of a compaction key (``events.model.compaction_key``: heartbeats, check
+    results) is sure to stay: the ones it supersedes go, at once or some time later.
+    Something in the log that is not an event is logged and left out by readers.
+    """
 
     name: str
     # Whether the last append's records follow this writer's previous ones with nothing
@@ -51,7 +64,12 @@ class EventLog(Protocol):
     exclusive: bool
 
     async def start(self) -> None:
-        """Connect, and create the log (topic / stream) if it does not exist."""
+        """Connect, and create the log (topic / stream) if it does not exist.
+
+        A log opened read-only (``hub.app.make_event_log(..., read_only=True)``: replay,
+        verify, the views process) neither creates the log nor changes its settings:
+        ``EventLogNotFound`` if it does not exist; its ``append`` raises RuntimeError.
+        """
 
     async def close(self) -> None: ...
 
@@ -59,7 +77,15 @@ class EventLog(Protocol):
         """Append events in order; returns them as records, with where each was stored.
 
         Either all events are durably in the log when this returns, or it raises
-        and (Kafka: the transaction aborted) none are visible to readers.
+        and (Kafka: the transaction aborted) none are visible to readers. Readers see
+        them once ``end_positions()`` has passed them: at once on JetStream and in
+        memory, a moment later on Kafka (a transaction's commit markers are written
+        after the commit returns, and readers of committed records wait for them).
+
+        Appending an event again (a batch retried after an unknown outcome) is allowed
+        and returns where the event is; the log may then hold it twice (Kafka, memory)
+        or once (JetStream drops a copy within its duplicate window). No deduplication
+        is promised: readers skip what their checkpoint or ledger already has.
         """
         ...
 

@@ -20,6 +20,7 @@ import nats.errors
 import pytest
 import redis.asyncio as aioredis
 
+from events.model import HeartbeatReceived, InfraChecked, ServiceRegistered
 from hub.app import Hub
 from hub.config import HubConfig
 
@@ -228,3 +229,33 @@ def child_running(parent: int, marker: str) -> int | None:
         if marker in cmdline and alive(pid):
             return pid
     return None
+
+
+# --- events made by hand, for tests that write the log directly -------------------------
+
+T0 = 1_750_000_000.0
+
+
+def registered(n: int, *, tenant: str = "default") -> ServiceRegistered:
+    """The registration of instance ``i-<n>`` of ``svc-<n % 5>`` (kept by the log)."""
+    return ServiceRegistered(
+        event_id=f"reg-{tenant}-{n}", tenant=tenant, ts=T0 + n, service_name=f"svc-{n % 5}",
+        instance_id=f"i-{n}", host="10.0.0.1", port=8000 + n % 50_000,
+    )  # fmt: skip
+
+
+def heartbeat(n: int, round_: int) -> HeartbeatReceived:
+    """Round ``round_`` of instance ``i-<n>``'s heartbeats (each supersedes the one before)."""
+    return HeartbeatReceived(
+        event_id=f"hb-{n}-{round_}", tenant="default", ts=T0 + 1000 + round_,
+        service_name=f"svc-{n % 5}", instance_id=f"i-{n}", load=round_ / 100,
+        last_seen=T0 + 1000 + round_,
+    )  # fmt: skip
+
+
+def infra_checked(component: str, round_: int) -> InfraChecked:
+    """Round ``round_`` of ``component``'s check results (each supersedes the one before)."""
+    return InfraChecked(
+        event_id=f"check-{component}-{round_}", tenant="_infra", ts=T0 + 1000 + round_,
+        component=component, status="HEALTHY", response_time_ms=1.0 + round_,
+    )  # fmt: skip
