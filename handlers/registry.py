@@ -37,6 +37,7 @@ from events.model import (
     ServiceDeregistered,
     ServiceRegistered,
 )
+from handlers.deadlines import TimerState
 from handlers.infra import InfraState, decide_check, evolve_infra
 from handlers.ledger import SeqLedger
 
@@ -121,6 +122,7 @@ class Instance:
     checks: dict[str, Any] = field(default_factory=dict)
     reported_changed_at: float = 0.0
     changes: list[float] = field(default_factory=list)
+    order: int = 0  # when its key was first registered: the registry's (and timer's) order
 
     @property
     def live(self) -> bool:
@@ -150,6 +152,10 @@ class RegistryState:
             may not start again (after one ended at its bound).
         infra: the monitored infrastructure components and their status.
         policy: the liveness rules decisions are taken with.
+        live_count, critical_count: live and critical instances per tenant (kept by
+            the fold, so that self-preservation needs no scan).
+        timers: the lease timer's deadlines (``handlers.liveness``); None until the
+            timer first runs on this state (a fold that never runs it pays nothing).
     """
 
     instances: dict[InstanceKey, Instance] = field(default_factory=dict)
@@ -159,6 +165,9 @@ class RegistryState:
     preservation_cooldown: dict[str, float] = field(default_factory=dict)
     infra: InfraState = field(default_factory=InfraState)
     policy: LivenessPolicy = field(default_factory=LivenessPolicy)
+    live_count: dict[str, int] = field(default_factory=dict)
+    critical_count: dict[str, int] = field(default_factory=dict)
+    timers: TimerState[InstanceKey] | None = None
 
     def live(self, key: InstanceKey) -> Instance | None:
         inst = self.instances.get(key)
@@ -295,10 +304,26 @@ def decide(state: RegistryState, event: Event, now: float) -> list[Event]:
 # --- evolve ---------------------------------------------------------------------------
 
 
-def _set_status(inst: Instance, status: str, ts: float) -> None:
-    if status != inst.status:
-        inst.status = status
-        inst.status_since = ts
+def _count(counts: dict[str, int], tenant: str, delta: int) -> None:
+    counts[tenant] = counts.get(tenant, 0) + delta
+
+
+def _set_status(state: RegistryState, inst: Instance, status: str, ts: float) -> None:
+    if status == inst.status:
+        return
+    was_live, was_critical = inst.live, inst.status == CRITICAL
+    inst.status = status
+    inst.status_since = ts
+    if inst.live != was_live:
+        _count(state.live_count, inst.tenant, 1 if inst.live else -1)
+    if (status == CRITICAL) != was_critical:
+        _count(state.critical_count, inst.tenant, -1 if was_critical else 1)
+
+
+def _touch(state: RegistryState, key: InstanceKey) -> None:
+    """A deadline of this instance may have moved earlier: the timer looks again."""
+    if state.timers is not None:
+        state.timers.touched.add(key)
 
 
 def _registered(state: RegistryState, event: ServiceRegistered) -> None:
@@ -316,6 +341,8 @@ def _registered(state: RegistryState, event: ServiceRegistered) -> None:
         previous.ttl_s, previous.expire_after_s = ttl, expire_after
         previous.last_seen = max(previous.last_seen, event.ts)
         return
+    before = state.instances.get(key)
+    _count(state.live_count, event.tenant, 1)
     state.instances[key] = Instance(
         tenant=event.tenant, service_name=event.service_name, instance_id=event.instance_id,
         host=event.host, port=event.port, protocol=event.protocol,
@@ -324,6 +351,7 @@ def _registered(state: RegistryState, event: ServiceRegistered) -> None:
         heartbeat_interval_s=event.heartbeat_interval_s, depends_on=list(event.depends_on),
         status=LIVE, registered_at=event.ts, last_seen=event.ts,
         ttl_s=ttl, expire_after_s=expire_after, status_since=event.ts,
+        order=len(state.instances) if before is None else before.order,
     )  # fmt: skip
 
 
@@ -332,7 +360,8 @@ def _heartbeat(state: RegistryState, event: HeartbeatReceived) -> None:
     if inst is None:
         return
     if event.status != inst.reported:
-        inst.reported_changed_at = event.ts
+        inst.reported_changed_at = event.ts  # (earlier, if this heartbeat came late)
+        _touch(state, key_of(event))
     inst.reported = event.status
     inst.load = event.load
     inst.checks = dict(event.checks)
@@ -353,33 +382,37 @@ def evolve(state: RegistryState, event: Event) -> RegistryState:
             _heartbeat(state, event)
         case ServiceRegistered():
             _registered(state, event)
+            _touch(state, key_of(event))
         case ServiceDeregistered():
             inst = state.live(key_of(event))
             if inst is not None:
-                _set_status(inst, DEREGISTERED, event.ts)
+                _set_status(state, inst, DEREGISTERED, event.ts)
                 inst.flapping = False
         case InstanceHealthChanged():
             inst = state.live(key_of(event))
             if inst is not None:
-                _set_status(inst, event.status, event.ts)
+                _set_status(state, inst, event.status, event.ts)
                 _remember_change(inst, event.ts)
+                _touch(state, key_of(event))
         case FlappingStarted():
             inst = state.live(key_of(event))
             if inst is not None:
-                _set_status(inst, event.status, event.ts)
+                _set_status(state, inst, event.status, event.ts)
                 _remember_change(inst, event.ts)
                 inst.flapping = True
                 inst.reported_changed_at = max(inst.reported_changed_at, event.ts)
+                _touch(state, key_of(event))
         case FlappingEnded():
             inst = state.live(key_of(event))
             if inst is not None:
-                _set_status(inst, event.status, event.ts)
+                _set_status(state, inst, event.status, event.ts)
                 inst.flapping = False
                 inst.changes.clear()
+                _touch(state, key_of(event))
         case InstanceExpired():
             inst = state.live(key_of(event))
             if inst is not None:
-                _set_status(inst, EXPIRED, event.ts)
+                _set_status(state, inst, EXPIRED, event.ts)
                 inst.flapping = False
         case SelfPreservationStarted():
             state.preservation[event.tenant] = Preservation(since=event.ts, until=event.until)
