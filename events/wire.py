@@ -7,7 +7,6 @@ reason a sender can act on. Pure functions over bytes: no I/O.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -103,16 +102,6 @@ _decoders = {kind: msgspec.json.Decoder(t) for kind, t in _KIND_TYPES.items()}
 _encoder = msgspec.json.Encoder()
 
 INGRESS_KINDS = tuple(_KIND_TYPES)
-
-
-def derive_instance_id(service_name: str, host: str, port: int) -> str:
-    """A deterministic instance id for a registration that names none.
-
-    Re-registering the same service at the same address yields the same id, so
-    registration stays idempotent. The result always matches NAME_PATTERN.
-    """
-    digest = hashlib.sha1(f"{host}:{port}".encode()).hexdigest()[:12]
-    return f"{service_name[:50]}-{digest}"
 
 
 def _unstorable(value: Any, path: str) -> str | None:

@@ -1,9 +1,10 @@
-"""The registry: decide (pure reaction) and evolve (the fold of the log).
+"""The registry: decisions on ingress events (pure) and evolve (the fold of the log).
 
-``decide(state, event, now)`` reads the state and returns the events to record;
+``decide_*(state, event, now)`` read the state and return the events to record
+(``handlers.core.REACTIONS`` says which decides what);
 ``evolve(state, event)`` applies one recorded event. Neither does I/O nor reads
 the clock. For speed the state is updated in place by ``evolve`` (a registry of
-10,000 instances cannot be copied per heartbeat); ``decide`` never mutates it.
+10,000 instances cannot be copied per heartbeat); a decision never mutates it.
 The same fold is the reference the projections are checked against.
 
 Health. An instance's ``status`` changes only through recorded events
@@ -228,7 +229,11 @@ def health_change(
     )  # fmt: skip
 
 
-def _decide_heartbeat(state: RegistryState, hb: HeartbeatReceived) -> list[Event]:
+def decide_heartbeat(state: RegistryState, hb: HeartbeatReceived, now: float) -> list[Event]:
+    """A heartbeat of a live instance is recorded (with its running ``last_seen``), and a
+    different health than recorded records the change too; one of an instance that is
+    not live becomes an ``InputRejected`` with reason ``UNKNOWN_INSTANCE``."""
+    del now  # ingress events carry their own time; timers (handlers.liveness) use now
     inst = state.live(key_of(hb))
     if inst is None:
         return [unknown_instance(hb)]
@@ -264,41 +269,38 @@ def _check_failed(value: Any) -> bool:
     return False
 
 
-def decide(state: RegistryState, event: Event, now: float) -> list[Event]:
-    """What to record for one candidate event from ingress.
+def decide_deregistration(
+    state: RegistryState, event: ServiceDeregistered, now: float
+) -> list[Event]:
+    """Recorded for a live instance; otherwise ``InputRejected`` (``UNKNOWN_INSTANCE``)."""
+    del now
+    if state.live(key_of(event)) is None:
+        return [unknown_instance(event)]
+    return [event]
 
-    A registration is always recorded, with its lease resolved (re-registration is
-    idempotent; a critical instance that re-registers is healthy again); a heartbeat
-    or deregistration of an instance that is not live becomes an ``InputRejected`` with reason
-    ``UNKNOWN_INSTANCE``; a heartbeat reporting a different health also records
-    the change.
-    """
-    del now  # ingress events carry their own time; timers (handlers.liveness) use now
-    match event:
-        case HeartbeatReceived():
-            return _decide_heartbeat(state, event)
-        case ServiceDeregistered():
-            if state.live(key_of(event)) is None:
-                return [unknown_instance(event)]
-            return [event]
-        case InfraChecked():
-            return decide_check(state.infra, event,
-                                failures_to_trip=state.policy.infra_failures_to_trip)  # fmt: skip
-        case ServiceRegistered():
-            # The lease is resolved now and recorded, so replay never depends on config.
-            event = msgspec.structs.replace(
-                event,
-                ttl_s=event.ttl_s or 3 * event.heartbeat_interval_s,
-                expire_after_s=event.expire_after_s or state.policy.expire_after_s,
-            )
-            inst = state.live(key_of(event))
-            if inst is not None and inst.status == CRITICAL and not inst.flapping:
-                return [event, health_change(inst, HEALTHY, "re-registered",
-                                             event_id=f"{event.event_id}.health", ts=event.ts,
-                                             policy=state.policy)]  # fmt: skip
-            return [event]
-        case _:
-            return [event]
+
+def decide_registration(state: RegistryState, event: ServiceRegistered, now: float) -> list[Event]:
+    """A registration is always recorded, with its lease resolved (re-registration is
+    idempotent; a critical instance that re-registers is healthy again)."""
+    del now
+    # The lease is resolved now and recorded, so replay never depends on config.
+    event = msgspec.structs.replace(
+        event,
+        ttl_s=event.ttl_s or 3 * event.heartbeat_interval_s,
+        expire_after_s=event.expire_after_s or state.policy.expire_after_s,
+    )
+    inst = state.live(key_of(event))
+    if inst is not None and inst.status == CRITICAL and not inst.flapping:
+        return [event, health_change(inst, HEALTHY, "re-registered",
+                                     event_id=f"{event.event_id}.health", ts=event.ts,
+                                     policy=state.policy)]  # fmt: skip
+    return [event]
+
+
+def decide_infra_check(state: RegistryState, event: InfraChecked, now: float) -> list[Event]:
+    """A check result, and the status change it causes (``handlers.infra``)."""
+    del now
+    return decide_check(state.infra, event, failures_to_trip=state.policy.infra_failures_to_trip)
 
 
 # --- evolve ---------------------------------------------------------------------------
@@ -427,14 +429,6 @@ def evolve(state: RegistryState, event: Event) -> RegistryState:
         case _:
             pass
     return state
-
-
-def handle(state: RegistryState, event: Event, now: float) -> tuple[RegistryState, list[Event]]:
-    """Decide, then fold what was decided: ``(state, event, now) -> (state, events)``."""
-    recorded = decide(state, event, now)
-    for e in recorded:
-        evolve(state, e)
-    return state, recorded
 
 
 def fold(events: list[Event], state: RegistryState | None = None) -> RegistryState:

@@ -1,27 +1,29 @@
-"""The ingest loop: ingress stream -> validate -> handlers -> event log -> ack.
+"""The ingest adapter: fetch from the ingress stream, let the core decide, record, ack.
 
-Every ingress message becomes exactly one recorded event (a registration,
-heartbeat, deregistration, or an ``InputRejected``), whose id is derived from
-the ingress sequence, plus what the handlers derive from it (a health change).
-Messages are acknowledged only after their events are in the log. After a crash
-the hub rebuilds its state from the log; the ledger of recorded ingress
-sequences tells which re-delivered messages are already recorded.
+It holds no decision. Every ingress message, every result from inside the hub (an
+infrastructure check) and every turn of the lease timer is a candidate for the
+application core (``handlers.core.step``), and what the core returns goes through one
+path here, ``Ingest._decide_and_record``: dead letters and the events are recorded in
+the log, then announced, then the input is acknowledged. So decisions are taken one at
+a time on one state and recorded in the order they were taken.
 
-The same loop runs the lease timer (``handlers.liveness.tick``) between
-batches, so timer decisions and ingress decisions are taken one at a time on
-one state and recorded in the order they were taken.
+Every ingress message becomes exactly one recorded event (a registration, heartbeat,
+deregistration, or an ``InputRejected``), whose id is derived from the ingress sequence,
+plus what the core derives from it (a health change). After a crash the hub rebuilds its
+state from the log; the ledger of recorded ingress sequences tells which re-delivered
+messages are already recorded.
+
+The timer is woken for the next deadline (``handlers.liveness.next_due``), not on a
+fixed tick.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -42,34 +44,18 @@ from nats.js.api import (
 
 from events.codec import encode_event
 from events.log import LogRecord, advance
-from events.model import (
-    WATCH_KIND,
-    Event,
-    HeartbeatReceived,
-    InfraChecked,
-    InputRejected,
-    ServiceDeregistered,
-    ServiceRegistered,
-)
-from events.names import INVALID_TENANT
+from events.model import WATCH_KIND, Event
 from events.subjects import (
     DLQ_STREAM,
     DLQ_SUBJECT,
     INGRESS_CONSUMER,
     INGRESS_STREAM,
     INGRESS_SUBJECTS,
-    route,
     watch_subject,
 )
-from events.wire import (
-    DeregisterMessage,
-    HeartbeatMessage,
-    RegisterMessage,
-    WireError,
-    derive_instance_id,
-    parse_ingress,
-)
-from handlers import RegistryState, decide, evolve, tick
+from handlers import RegistryState
+from handlers.core import Arrival, Candidate, DeadLetter, Internal, Outcome, TimerTurn, step
+from handlers.liveness import next_due
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.metrics import Metrics
@@ -80,12 +66,8 @@ from hub.writer import Fenced, WriterLease
 
 log = structlog.get_logger(__name__)
 
-EXCERPT_BYTES = 256
-INTERNAL_ERROR = "INTERNAL_ERROR"  # the reason code of a message the hub itself failed on
 YIELD_EVERY = 500  # messages decided between two turns of the event loop
-# Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats and
-# infrastructure check results (the bulk; a change they cause is announced as such).
-ANNOUNCED = frozenset(t for t in WATCH_KIND if t not in (HeartbeatReceived, InfraChecked))
+MIN_WAKE_S = 0.001  # the least wait for the next deadline after a turn that decided nothing
 
 
 def ingress_stream_config(config: HubConfig) -> StreamConfig:
@@ -122,100 +104,6 @@ async def ingress_first_seq(nc: Client) -> int:
     return int(info.state.first_seq)
 
 
-@dataclass(frozen=True)
-class Rejection:
-    """A dead letter to publish: the original bytes and why they were refused."""
-
-    event: InputRejected
-    payload: bytes
-
-
-def to_event(
-    msg: RegisterMessage | HeartbeatMessage | DeregisterMessage, *, tenant: str, seq: int, ts: float
-) -> Event:
-    """The candidate event for a valid ingress message (pure)."""
-    eid = f"ingress-{seq}"
-    match msg:
-        case RegisterMessage():
-            return ServiceRegistered(
-                event_id=eid, tenant=tenant, ts=ts, ingress_seq=seq,
-                service_name=msg.service_name,
-                instance_id=msg.instance_id
-                or derive_instance_id(msg.service_name, msg.host, msg.port),
-                host=msg.host, port=msg.port, protocol=msg.protocol, version=msg.version,
-                health_endpoint=msg.health_endpoint, metadata=dict(msg.metadata),
-                transport_preferences=list(msg.transport_preferences),
-                heartbeat_interval_s=msg.heartbeat_interval_s, depends_on=list(msg.depends_on),
-                ttl_s=msg.ttl_s or 0.0, expire_after_s=msg.expire_after_s or 0.0,
-            )  # fmt: skip
-        case HeartbeatMessage():
-            return HeartbeatReceived(
-                event_id=eid, tenant=tenant, ts=ts, ingress_seq=seq,
-                service_name=msg.service_name, instance_id=msg.instance_id,
-                status=msg.status, load=msg.load, checks=dict(msg.checks),
-            )  # fmt: skip
-        case DeregisterMessage():
-            return ServiceDeregistered(
-                event_id=eid, tenant=tenant, ts=ts, ingress_seq=seq,
-                service_name=msg.service_name, instance_id=msg.instance_id,
-            )  # fmt: skip
-
-
-def printable(data: bytes | str, limit: int = EXCERPT_BYTES) -> str:
-    """Text safe to store anywhere (PostgreSQL refuses NUL): bad bytes escaped."""
-    if isinstance(data, bytes):
-        data = data[:limit].decode("utf-8", errors="backslashreplace")
-    return data[:limit].replace("\x00", "\\x00")
-
-
-def rejected(
-    *, tenant: str, seq: int, ts: float, subject: str, code: str, reason: str, payload: bytes
-) -> InputRejected:
-    return InputRejected(
-        event_id=f"ingress-{seq}", tenant=tenant, ts=ts, ingress_seq=seq,
-        subject=printable(subject), reason_code=code, reason=printable(reason, 2048),
-        excerpt=printable(payload),
-    )  # fmt: skip
-
-
-# Routes are immutable and subjects few (a kind per tenant): parse each once.
-_route = functools.lru_cache(maxsize=4096)(route)
-
-
-def classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float) -> Event:
-    """Turn one ingress message into its candidate event, or an InputRejected (pure).
-
-    Never raises: input that breaks the contract is rejected with its reason code,
-    and an exception of the hub's own code on this message (a bug) is logged loudly
-    and rejects the message with ``INTERNAL_ERROR``, so no message can stop the hub.
-    """
-    try:
-        return _classify(config, subject, payload, seq=seq, ts=ts)
-    except Exception as exc:
-        log.error("ingress_message_failed", seq=seq, subject=printable(subject),
-                  error=repr(exc), exc_info=True)  # fmt: skip
-        return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
-                        code=INTERNAL_ERROR, reason=f"the hub failed on this message "
-                        f"({type(exc).__name__}); see its log", payload=payload)  # fmt: skip
-
-
-def _classify(config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float) -> Event:
-    r = _route(subject)
-    if r.tenant_error is not None:
-        return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
-                        code="INVALID_TENANT", reason=r.tenant_error, payload=payload)  # fmt: skip
-    if not config.tenant_allowed(r.tenant):
-        return rejected(tenant=INVALID_TENANT, seq=seq, ts=ts, subject=subject,
-                        code="UNKNOWN_TENANT", reason=f"tenant {r.tenant!r} is not served here",
-                        payload=payload)  # fmt: skip
-    try:
-        msg = parse_ingress(r.kind, payload, max_metadata_bytes=config.max_metadata_bytes)
-    except WireError as exc:
-        return rejected(tenant=r.tenant, seq=seq, ts=ts, subject=subject, code=exc.code,
-                        reason=exc.reason, payload=payload)  # fmt: skip
-    return to_event(msg, tenant=r.tenant, seq=seq, ts=ts)
-
-
 def ack_metadata(reply: str) -> tuple[int, float, int, int]:
     """(stream sequence, timestamp, pending, deliveries) of a JetStream message, from its
     reply subject: what nats-py's ``Msg.metadata`` gives (the same timestamp, to the
@@ -237,10 +125,6 @@ def ack_metadata(reply: str) -> tuple[int, float, int, int]:
         micros -= 1_000_000
         whole += 1.0
     return int(seq), (int(whole) * 1_000_000 + micros) / 1_000_000, int(pending), int(delivered)
-
-
-# Counter names by event type (an f-string per message adds up).
-_COUNTERS = {t: f"ingress_{t.__name__}" for t in WATCH_KIND}
 
 
 BARRIER_UNKNOWN = sys.maxsize  # leases wait for an empty fetch: the backlog is not known
@@ -284,6 +168,8 @@ class Ingest:
         # backlog present when an append stalled (see _judge_after_backlog).
         self.barrier: int | None = None
         self._internal: list[Event] = []  # candidates from inside the hub (monitor results)
+        self._wake = asyncio.Event()  # set when one is submitted
+        self._idle_turn = False  # the last timer turn decided nothing
         self._consumer_created: datetime | None = None
         self._prefetch: asyncio.Task[list[Msg] | None] | None = None
         # A batch that failed (a bug): its messages, tried again one at a time after the
@@ -392,10 +278,12 @@ class Ingest:
         # The next batch is fetched while this one is decided and recorded (one fetch
         # at a time on the subscription, so batches still come in order). Stopping
         # waits for the fetch in flight (at most tick_s) and records what it brought.
+        # While a fetch waits, the timer's deadlines and internal candidates are taken
+        # when they come.
         self._prefetch = pending = asyncio.create_task(fetch())
         try:
             while True:
-                msgs = await pending
+                msgs = await self._meanwhile(pending)
                 if msgs is None:
                     return
                 last_round = stop.is_set()
@@ -418,13 +306,46 @@ class Ingest:
                         self._leases_resume()
                 if last_round:
                     return
-                if self._internal:
-                    await self.process_internal()
-                if self._clock() - self._last_tick >= tick_s:
-                    await self.run_timers()
+                await self._internal_and_timers()
         finally:
             if not pending.done():  # cancelled: what it fetches comes again (unacked)
                 pending.cancel()
+
+    async def _meanwhile(self, pending: asyncio.Task[list[Msg] | None]) -> list[Msg] | None:
+        """What ``pending`` fetches; until it comes, take internal candidates as they are
+        submitted and the timer's decisions when they are due."""
+        while True:
+            waiting: set[asyncio.Future[Any]] = {pending}
+            wake = asyncio.ensure_future(self._wake.wait())
+            waiting.add(wake)
+            try:
+                await asyncio.wait(waiting, timeout=self._until_due(),
+                                   return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            finally:
+                wake.cancel()
+            if pending.done():
+                return pending.result()
+            await self._internal_and_timers()
+
+    def _judging(self) -> bool:
+        """Whether lease decisions are taken now (the hub has seen the latest heartbeats)."""
+        return self._caught_up and self._nc.is_connected and self._backlog_recorded()
+
+    def _until_due(self) -> float:
+        """Seconds until the timer is next due (at most ``tick_s``: lagging and the
+        connection are looked at again at least that often)."""
+        due = next_due(self.state, lease_floor=self.lease_floor, judge_leases=self._judging())
+        wait = min(self._config.tick_s, due - self._clock())
+        return max(wait, MIN_WAKE_S if self._idle_turn else 0.0)
+
+    async def _internal_and_timers(self) -> None:
+        """Take the queued internal candidates, and the timer's turn if it is due."""
+        if self._internal:
+            await self.process_internal()
+        if self._until_due() <= 0 or self._clock() - self._last_tick >= self._config.tick_s:
+            self._idle_turn = not await self.run_timers()
+        else:
+            self._idle_turn = False
 
     async def _take(self, prefetch: asyncio.Task[list[Msg] | None] | None) -> list[Msg]:
         """What the fetch in flight brings (bounded wait; its messages are not lost
@@ -458,48 +379,48 @@ class Ingest:
 
     def submit(self, candidate: Event) -> None:
         """Queue a candidate event from inside the hub (an infrastructure check result);
-        the loop decides and records it between ingress batches, at most ``tick_s`` later."""
+        the loop decides and records it as soon as the batch in hand is recorded."""
         self._internal.append(candidate)
+        self._wake.set()
 
     async def process_internal(self) -> list[Event]:
         """Decide and record the queued internal candidates."""
-        now = self._clock()
         candidates, self._internal = self._internal, []
-        recorded: list[Event] = []
-        for candidate in candidates:
-            try:
-                events = decide(self.state, candidate, now)
-            except Exception as exc:  # a bug: this result is lost, the next one comes
-                log.error("internal_decision_failed", candidate=type(candidate).__name__,
-                          error=repr(exc), exc_info=True)  # fmt: skip
-                self._metrics.inc("internal_decisions_failed")
-                continue
-            for e in events:
-                evolve(self.state, e)
-            recorded.extend(events)
-        if recorded:
-            positions = await self._record(recorded, [])
-            await self._announce(recorded)
-            await self._progress.appended(self.state.ingress.floor, positions)
-        return recorded
+        self._wake.clear()
+        outcome = await self._decide_and_record([Internal(c) for c in candidates])
+        return outcome.record
 
     async def run_timers(self) -> list[Event]:
         """Take and record the lease timer's decisions due now."""
+        self._last_tick = self._clock()
+        turn = TimerTurn(lease_floor=self.lease_floor, judge_leases=self._judging())
+        outcome = await self._decide_and_record([turn])
+        return outcome.record
+
+    async def _decide_and_record(
+        self, candidates: list[Candidate], inflight: list[Msg] | None = None
+    ) -> Outcome:
+        """The one path of every decision: the core decides (``handlers.core.step``),
+        then dead letters and events are recorded (``_record``), announced, and the
+        progress published. Ingress batches (``inflight``: the messages, acknowledged
+        by the caller after this) are recorded even when nothing is new, so that the
+        progress moves past re-delivered input."""
         now = self._clock()
-        self._last_tick = now
-        judge = self._caught_up and self._nc.is_connected and self._backlog_recorded()
-        if not judge:
-            self._metrics.inc("lease_decisions_deferred_lagging")
-        decided = tick(self.state, now, lease_floor=self.lease_floor, judge_leases=judge)
-        if not decided:
-            return decided
-        for e in decided:
-            evolve(self.state, e)
-            self._metrics.inc(f"timer_{type(e).__name__}")
-        positions = await self._record(decided, [])
-        await self._announce(decided)
+        outcome = Outcome()
+        for i in range(0, len(candidates), YIELD_EVERY):
+            if i:  # a large batch must not hold up the rest of the loop
+                await asyncio.sleep(0)
+            outcome.extend(step(self.state, now, candidates[i : i + YIELD_EVERY], self._config))
+        for n in outcome.notices:
+            getattr(log, n.level)(n.name, **n.fields, exc_info=n.error)
+        for name, count in outcome.counts.items():
+            self._metrics.inc(name, count)
+        if not (outcome.record or outcome.dead or inflight):
+            return outcome
+        positions = await self._record(outcome.record, outcome.dead, inflight)
+        await self._announce(outcome.announce)
         await self._progress.appended(self.state.ingress.floor, positions)
-        return decided
+        return outcome
 
     def _backlog_recorded(self) -> bool:
         """Whether the state has recorded the backlog present when the barrier was set."""
@@ -532,43 +453,14 @@ class Ingest:
 
     async def process(self, msgs: list[Msg]) -> None:
         """Record the events of one fetched batch, then acknowledge it."""
-        now = self._clock()
-        recorded: list[Event] = []
-        dead: list[Rejection] = []
-        max_seq = 0
-        counts: Counter[str] = Counter()
-        seq = pending = 0
-        ts = now
-        cap = self._config.max_deliver
-        for i, msg in enumerate(msgs, 1):
-            if i % YIELD_EVERY == 0:  # a large batch must not hold up the queries
-                await asyncio.sleep(0)
+        arrivals: list[Candidate] = []
+        pending, ts = 0, self._clock()
+        for msg in msgs:
             seq, ts, pending, delivered = ack_metadata(msg.reply)
-            max_seq = max(max_seq, seq)
-            if self.state.ingress.seen(seq):
-                counts["ingress_redelivered_skipped"] += 1
-                continue
             # Failed on it alone before, in this process or (delivered again) another.
             failed = self._failures.get(seq, 0) + delivered - 1
-            if failed >= cap:
-                candidate: Event = quarantined(self._config, msg.subject, msg.data or b"",
-                                               seq=seq, ts=ts, failed=failed)  # fmt: skip
-            else:
-                candidate = classify(self._config, msg.subject, msg.data or b"", seq=seq, ts=ts)
-            events = decide_ingress(self.state, candidate, now, msg.subject, msg.data or b"")
-            for e in events:
-                evolve(self.state, e)
-                if type(e) is InputRejected:
-                    dead.append(Rejection(e, msg.data or b""))
-                    counts["ingress_rejected"] += 1
-                    counts[f"ingress_rejected:{e.reason_code}"] += 1
-                else:
-                    counts[_COUNTERS.get(type(e)) or f"ingress_{type(e).__name__}"] += 1
-            recorded.extend(events)
-        for name, n in counts.items():
-            self._metrics.inc(name, n)
-        positions = await self._record(recorded, dead, msgs)
-        await self._announce(recorded)
+            arrivals.append(Arrival(seq, ts, msg.subject, msg.data or b"", failed))
+        await self._decide_and_record(arrivals, msgs)
         for i, msg in enumerate(msgs, 1):
             await msg.ack()
             if i % YIELD_EVERY == 0:
@@ -576,14 +468,12 @@ class Ingest:
         # Caught up: nothing left in ingress, or what is left is recent (lease
         # decisions need the hub to have seen the latest heartbeats).
         if self.barrier is None:
-            self._caught_up = pending == 0 or now - ts < self.state.policy.max_lag_s
+            self._caught_up = pending == 0 or self._clock() - ts < self.state.policy.max_lag_s
         self._batches += 1
         if self.state.ingress.above and (
             self._batches % 50 == 0 or len(self.state.ingress.above) > 10_000
         ):
             await self._compact_ledger()
-        if max_seq:
-            await self._progress.appended(self.state.ingress.floor, positions)
 
     async def _compact_ledger(self) -> None:
         """Raise the ledger's floor to the stream's first message: below it, everything
@@ -596,7 +486,7 @@ class Ingest:
         self.state.ingress.raise_floor(info.state.first_seq)
 
     async def _record(
-        self, recorded: list[Event], dead: list[Rejection], inflight: list[Msg] | None = None
+        self, recorded: list[Event], dead: list[DeadLetter], inflight: list[Msg] | None = None
     ) -> dict[int, int]:
         """Dead-letter, then append; retried until done (never re-decided).
 
@@ -638,7 +528,7 @@ class Ingest:
         return positions
 
     async def _append(
-        self, recorded: list[Event], dead: list[Rejection]
+        self, recorded: list[Event], dead: list[DeadLetter]
     ) -> tuple[list[LogRecord], int]:
         """Dead letters then the append, retried with backoff; (records, failed tries or
         waits for the writer lease).
@@ -686,7 +576,7 @@ class Ingest:
         except Exception as exc:
             log.info("ingress_keep_alive_failed", error=repr(exc))
 
-    async def _dead_letter(self, d: Rejection) -> None:
+    async def _dead_letter(self, d: DeadLetter) -> None:
         e = d.event
         await self._js.publish(
             DLQ_SUBJECT,
@@ -703,12 +593,10 @@ class Ingest:
         )
         self._metrics.inc("dlq_published")
 
-    async def _announce(self, recorded: list[Event]) -> None:
+    async def _announce(self, announced: list[Event]) -> None:
         """Push recorded events to watchers (core NATS, at most once)."""
-        for e in recorded:
-            if type(e) in ANNOUNCED:
-                await self._nc.publish(watch_subject(e.tenant, WATCH_KIND[type(e)]),
-                                       encode_event(e))  # fmt: skip
+        for e in announced:
+            await self._nc.publish(watch_subject(e.tenant, WATCH_KIND[type(e)]), encode_event(e))
 
     async def backlog(self) -> dict[str, Any]:
         """What waits in ingress: messages not yet delivered, delivered but not
@@ -728,37 +616,3 @@ class Ingest:
             "recorded_through": self.state.ingress.high,
             "lease_decisions": "waiting for the backlog" if self.barrier is not None else "on",
         }
-
-
-def quarantined(
-    config: HubConfig, subject: str, payload: bytes, *, seq: int, ts: float, failed: int
-) -> InputRejected:
-    """The rejection of a message the hub has failed on ``failed`` times (a bug): it is
-    dead-lettered, not tried again."""
-    r = _route(subject)
-    tenant = (
-        r.tenant if r.tenant_error is None and config.tenant_allowed(r.tenant) else INVALID_TENANT
-    )
-    log.error("ingress_message_quarantined", seq=seq, failed=failed,
-              subject=printable(subject))  # fmt: skip
-    return rejected(tenant=tenant, seq=seq, ts=ts, subject=subject, code=INTERNAL_ERROR,
-                    reason=f"the hub failed on this message {failed} times, so it is not tried "
-                    f"again (HUB_MAX_DELIVER={config.max_deliver}); see its log",
-                    payload=payload)  # fmt: skip
-
-
-def decide_ingress(
-    state: RegistryState, candidate: Event, now: float, subject: str, payload: bytes
-) -> list[Event]:
-    """What to record for one classified ingress message; an exception in the
-    decision (a bug) rejects this message with ``INTERNAL_ERROR`` instead of failing
-    the batch (``decide`` does not change the state, so nothing is half done)."""
-    try:
-        return decide(state, candidate, now)
-    except Exception as exc:
-        log.error("ingress_decision_failed", seq=candidate.ingress_seq, error=repr(exc),
-                  exc_info=True)  # fmt: skip
-        return [rejected(tenant=candidate.tenant, seq=candidate.ingress_seq, ts=candidate.ts,
-                         subject=subject, code=INTERNAL_ERROR,
-                         reason=f"the hub failed on this message ({type(exc).__name__}); "
-                         "see its log", payload=payload)]  # fmt: skip

@@ -25,7 +25,8 @@ from events.model import (
     ServiceRegistered,
 )
 from events.names import is_name
-from events.wire import WireError, derive_instance_id, parse_ingress
+from events.translate import derive_instance_id
+from events.wire import WireError, parse_ingress
 
 names = st.from_regex(r"\A[a-z0-9][a-z0-9._-]{0,20}\Z")
 finite = st.floats(allow_nan=False, allow_infinity=False)

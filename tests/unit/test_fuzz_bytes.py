@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from events.codec import decode_event, encode_event
 from events.model import Event, HeartbeatReceived, InputRejected, ServiceRegistered
+from events.translate import classify
 from events.wire import (
     MAX_DEPTH,
     HealthQuery,
@@ -35,7 +36,6 @@ from events.wire import (
     parse_query,
 )
 from hub.config import HubConfig
-from hub.ingest import classify
 from tests.fuzzing import (
     NAMED_INGRESS,
     NAMED_QUERIES,
