@@ -39,7 +39,8 @@ ENV_VARS: dict[str, str] = {
     "self-preservation (0..1)",
     "HUB_PRESERVATION_MIN": "minimum number of critical instances for self-preservation",
     "HUB_PRESERVATION_MAX_S": "the bound: self-preservation ends by itself after this",
-    "HUB_TICK_S": "period of the lease timer",
+    "HUB_TICK_S": "longest wait of the ingest loop between two looks at the timer (lagging, "
+    "the connection); the timer itself wakes at each deadline",
     "HUB_INFRA_CONFIG": "path of infrastructure.yaml (empty: only the hub's own stack)",
     "HUB_INFRA_SELF": "'1' (default) to also monitor the hub's own servers, '0' not to",
     "HUB_INFRA_FAILURES": "consecutive failed checks that make a healthy component UNHEALTHY",
