@@ -56,10 +56,11 @@ from pathlib import Path
 import msgspec
 import nats
 import nats.errors
-import redis.asyncio as aioredis
 from nats.aio.client import Client
 
 from bench._scratch import scratch_root
+from hub.bootstrap import redis_client
+from hub.config import HubConfig
 from hub.logs import configure
 from hub.stack import EmbeddedStack
 
@@ -405,7 +406,7 @@ async def query_storm(args: argparse.Namespace, nc: Client, mem: Memory) -> None
 
 
 async def registration_storm(
-    args: argparse.Namespace, nc: Client, mem: Memory, redis_url: tuple[str, int]
+    args: argparse.Namespace, nc: Client, mem: Memory, config: HubConfig
 ) -> None:
     n = args.storm
     print(f"\n-- registration storm: {n:,} registrations in tenant 'storm' --", flush=True)
@@ -440,7 +441,7 @@ async def registration_storm(
             break
     paging = time.monotonic() - t0
     # Raw: every instance hash of the tenant from Redis.
-    r = aioredis.Redis(host=redis_url[0], port=redis_url[1], decode_responses=True)
+    r = redis_client(config)  # the hub's view store, as the hub's processes reach it
     t0 = time.monotonic()
     keys = [k async for k in r.scan_iter(match="hub:storm:inst:*", count=5000)]
     for i in range(0, len(keys), 1000):
@@ -492,7 +493,7 @@ async def bench(args: argparse.Namespace, stack: EmbeddedStack, root: Path) -> i
             if not args.skip_queries:
                 await query_storm(args, nc, mem)
             if args.storm:
-                await registration_storm(args, nc, mem, (stack.redis.host, stack.redis.port))
+                await registration_storm(args, nc, mem, HubConfig.from_env(env))
             await mem.stop()
         finally:
             await nc.close()

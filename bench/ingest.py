@@ -57,6 +57,7 @@ from nats.aio.client import Client
 
 from bench._scratch import scratch_root
 from hub.app import Hub
+from hub.bootstrap import redis_client
 from hub.config import HubConfig
 from hub.ingest import ingress_consumer_config, ingress_stream_config
 from hub.logs import configure
@@ -355,7 +356,7 @@ async def bench(args: argparse.Namespace, stack: EmbeddedStack) -> int:
     config = HubConfig.from_env(stack.env())
     config = dataclasses.replace(config, ingest_batch=args.batch)
     n, m = args.heartbeats, args.instances
-    r = aioredis.Redis(host=config.redis_host, port=config.redis_port, decode_responses=True)
+    r = redis_client(config)
     nc = await nats.connect(stack.nats.url, name="bench-publisher")
     try:
         hub = Hub(config)

@@ -33,11 +33,11 @@ import sys
 import time
 from pathlib import Path
 
-import asyncpg
 import yaml
 
 from bench._scratch import scratch_root
 from hub.app import Hub
+from hub.bootstrap import connect_postgres
 from hub.config import HubConfig
 from hub.stack import EmbeddedStack
 
@@ -89,7 +89,7 @@ async def bench(args: argparse.Namespace, stack: EmbeddedStack, infra_path: Path
     raw = await raw_connect_rate(ports, 3.0)
     hub = Hub(config)
     await hub.start()
-    pg = await asyncpg.connect(config.postgres_dsn)
+    pg = await connect_postgres(config)
     try:
         await asyncio.sleep(args.warmup)
         t0, c0 = time.time(), time.process_time()

@@ -39,8 +39,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
-import redis.asyncio as aioredis
 from aiokafka import TopicPartition
 
 from bench._scratch import scratch_root
@@ -53,8 +51,9 @@ from events.model import (
     ServiceDeregistered,
     ServiceRegistered,
 )
+from hub.bootstrap import connect_postgres, make_event_log, redis_client
 from hub.config import HubConfig
-from hub.eventlog.kafka import KafkaEventLog, log_reader
+from hub.eventlog.kafka import log_reader
 from hub.replay import Connections, fold_log, replay
 from hub.stack import KafkaServer, PostgresServer, RedisServer
 from projections.render import ViewState
@@ -230,13 +229,12 @@ def _index(inst: _Inst) -> int:
 
 
 async def produce(
-    bootstrap: str, topic: str, n_events: int, n_instances: int, chunk: int
+    config: HubConfig, n_events: int, n_instances: int, chunk: int
 ) -> tuple[Expected, float]:
-    """Append the generated log (one transaction per chunk); returns it and the seconds."""
+    """Append the generated log (one transaction per chunk) to the configured topic, as
+    the hub would; returns it and the seconds."""
     expected = Expected()
-    log = KafkaEventLog(
-        [bootstrap], topic, partitions=PARTITIONS, transactional_id=f"bench.{topic}"
-    )
+    log = make_event_log(config, None)
     await log.start()
     t0 = time.perf_counter()
     try:
@@ -331,7 +329,7 @@ async def replay_run(config: HubConfig) -> ReplayRun:
 
 async def view_counts(config: HubConfig) -> dict[str, int]:
     """What the views hold: Redis instance keys and svc-set members, PostgreSQL rows."""
-    r = aioredis.Redis(host=config.redis_host, port=config.redis_port, decode_responses=True)
+    r = redis_client(config)
     try:
         inst_keys = 0
         svc_keys = []
@@ -347,7 +345,7 @@ async def view_counts(config: HubConfig) -> dict[str, int]:
             members = sum(await pipe.execute())
     finally:
         await r.aclose()
-    pg = await asyncpg.connect(config.postgres_dsn)
+    pg = await connect_postgres(config)
     try:
         rows = await pg.fetchval("SELECT count(*) FROM service_registry")
         live_rows = await pg.fetchval(
@@ -425,7 +423,7 @@ async def profile(config: HubConfig, bootstrap: str, topic: str) -> None:
         us = s / count * 1e6
         print(f"  {label:<52} {s:7.2f} s  {us:6.2f} us/ev  {count / s:>11,.0f} ev/s")
 
-    log = KafkaEventLog([bootstrap], topic, partitions=PARTITIONS, read_only=True)
+    log = make_event_log(config, None, read_only=True)
     await log.start()
     # The cyclic GC's share: every record and event is a GC-tracked object, and batches
     # of them live long enough to be promoted and traversed again by older generations.
@@ -502,7 +500,7 @@ async def bench(
         f"({PARTITIONS} partitions, {args.chunk:,} events per transaction) ...",
         flush=True,
     )
-    expected, produce_s = await produce(kafka.bootstrap, topic, n, args.instances, args.chunk)
+    expected, produce_s = await produce(config, n, args.instances, args.chunk)
     kinds = ", ".join(f"{k} {v:,}" for k, v in sorted(expected.kinds.items()))
     print(
         f"produced in {produce_s:.1f} s ({n / produce_s:,.0f} ev/s; not the figure that "

@@ -1,5 +1,6 @@
-"""Wiring of the hub process: connections, event log, projections, ingest, and the
-processes it supervises (views, query servers)."""
+"""The hub process: its connections, event log and projections (built by
+``hub.bootstrap``), the ingest loop, and the processes it supervises (views, query
+servers)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,8 @@ from nats.aio.client import Client
 
 from events.log import advance, merge_max
 from handlers import LivenessPolicy, RegistryState, evolve
-from hub import natsconn
+from hub import bootstrap
 from hub.config import HubConfig
-from hub.eventlog.jetstream import JetStreamEventLog
-from hub.eventlog.kafka import KafkaEventLog
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused, tune_for_serving
 from hub.infra.monitor import InfraMonitor, monitored
@@ -34,50 +33,8 @@ from hub.tail import LogTail
 from hub.views_process import ViewsProcess
 from hub.writer import Fenced, Holder, WriterLease
 from projections.port import Projection
-from projections.postgres import PostgresRegistryProjection
-from projections.redis import RedisRegistryProjection
 
 log = structlog.get_logger(__name__)
-
-
-def make_event_log(config: HubConfig, nc: Client | None, *, read_only: bool = False) -> EventLog:
-    """The configured event log; ``read_only`` for readers (replay, verify, the views
-    process): it cannot append, and ``start`` neither creates the log nor changes its
-    settings (``EventLogNotFound`` when it does not exist)."""
-    if config.event_log == "kafka":
-        return KafkaEventLog(config.kafka_brokers, config.kafka_topic,
-                             partitions=config.kafka_partitions, read_only=read_only,
-                             segment_ms=config.kafka_segment_ms)  # fmt: skip
-    if nc is None:
-        raise ValueError("the JetStream event log needs a NATS connection")
-    return JetStreamEventLog(nc, read_only=read_only)
-
-
-async def connect_postgres(config: HubConfig, *, timeout: float = 30.0) -> asyncpg.Pool:
-    """A pool to the configured database, waiting for the server to accept connections."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            pool: asyncpg.Pool = await asyncpg.create_pool(
-                config.postgres_dsn, min_size=1, max_size=8
-            )
-            return pool
-        except (OSError, asyncpg.CannotConnectNowError) as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.info("postgres_not_ready", error=repr(exc))
-            await asyncio.sleep(0.5)
-
-
-def view_projections(
-    config: HubConfig, pool: asyncpg.Pool, redis: aioredis.Redis
-) -> list[Projection]:
-    """The views the hub keeps: the PostgreSQL registry and the Redis live registry."""
-    return [
-        PostgresRegistryProjection(pool, journal_days=config.infra_history_days,
-                                   cache=config.view_cache),
-        RedisRegistryProjection(redis, cache=config.view_cache),
-    ]  # fmt: skip
 
 
 async def rebuild_state(
@@ -161,8 +118,8 @@ class Hub:
         """
         c = self.config
         infra = monitored(c)
-        self.nc = await natsconn.connect(
-            list(c.nats_urls), name="central-hub", max_reconnect_attempts=-1,
+        self.nc = await bootstrap.connect_nats(
+            c, "central-hub", max_reconnect_attempts=-1,
             disconnected_cb=self._nats_disconnected, reconnected_cb=self._nats_reconnected,
         )  # fmt: skip
         self.status.nc = self.nc
@@ -175,17 +132,14 @@ class Hub:
         self.status.role = "writer"
         # Renewed from now on: folding a long log at start must not let the lease lapse.
         self._spawn(self.lease.keep(self._stop, also=self._verify_consumer), "writer-lease")
-        self.pool = await connect_postgres(c)
-        self.redis = aioredis.Redis(
-            host=c.redis_host, port=c.redis_port, password=c.redis_password or None,
-            db=c.redis_db, decode_responses=True,
-        )  # fmt: skip
+        self.pool = await bootstrap.connect_postgres(c)
+        self.redis = bootstrap.redis_client(c)
         await self.redis.ping()
-        self.event_log = make_event_log(c, self.nc)
+        self.event_log = bootstrap.make_event_log(c, self.nc)
         await self.event_log.start()
         # Set up here (migrations, so that a problem stops the start); the projectors
         # run in a process of their own (hub.views_process).
-        self.projections = view_projections(c, self.pool, self.redis)
+        self.projections = bootstrap.view_projections(c, self.pool, self.redis)
         for p in self.projections:
             await p.setup()
         first_seq = await ingress_first_seq(self.nc)
@@ -203,8 +157,8 @@ class Hub:
         # min_seq) and the status from here. The feed has a connection of its own: a
         # history request must not queue behind the thousands of ingress messages a
         # fetch brings on the ingest's connection.
-        self.nc_feed = await natsconn.connect(
-            list(c.nats_urls), name="central-hub-feed", max_reconnect_attempts=-1
+        self.nc_feed = await bootstrap.connect_nats(
+            c, "central-hub-feed", max_reconnect_attempts=-1
         )
         self.feed = ProgressFeed(self.progress, hub_id=self.lease.me.id, status=self.details,
                                  degraded=self.status.degraded_note)  # fmt: skip

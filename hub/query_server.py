@@ -33,55 +33,24 @@ import time
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 from nats.aio.client import Client
-from redis.asyncio.connection import BlockingConnectionPool
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from events.subjects import INGRESS_CONSUMER, INGRESS_STREAM
-from hub import natsconn
+from hub import bootstrap
 from hub.children import die_with_parent, spawn_child
 from hub.config import HubConfig
 from hub.logs import configure, configured
 from hub.metrics import Metrics
 from hub.progress import Progress, ProgressFollower
-from hub.queries import MAX_FAST, MAX_WORKING, PoolExhausted, QueryService
+from hub.queries import QueryService
 from hub.status import DEGRADED, HEALTHY
 
 log = structlog.get_logger(__name__)
 
 STALE_AFTER_S = 3.0  # the hub publishes at least every second
-POOL_WAIT_S = 0.05  # a query waits this long at most for a free connection, then BUSY
 BACKLOG_TIMEOUT_S = 2.0
 READY_TIMEOUT_S = 60.0
-
-
-class _Pool(BlockingConnectionPool):
-    """A bounded pool whose exhaustion is told apart (``PoolExhausted``: BUSY) from a
-    store that cannot be reached."""
-
-    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
-        except redis.exceptions.ConnectionError as exc:
-            if isinstance(exc.__cause__, asyncio.TimeoutError):
-                raise PoolExhausted(str(exc)) from exc
-            raise
-
-
-def view_store(config: HubConfig) -> aioredis.Redis:
-    """The query servers' Redis client: every call under the query timeout (connecting
-    too), never retried, from a pool of a connection per query let in (``MAX_WORKING``
-    + ``MAX_FAST``) and 2 more, that a query waits for ``POOL_WAIT_S`` at most."""
-    pool = _Pool(
-        host=config.redis_host, port=config.redis_port, password=config.redis_password or None,
-        db=config.redis_db, decode_responses=True, max_connections=MAX_WORKING + MAX_FAST + 2,
-        timeout=POOL_WAIT_S, socket_timeout=config.query_timeout_s,
-        socket_connect_timeout=config.query_timeout_s, retry=Retry(NoBackoff(), 0),
-    )  # fmt: skip
-    return aioredis.Redis.from_pool(pool)
 
 
 class QueryServer:
@@ -100,10 +69,10 @@ class QueryServer:
 
     async def start(self) -> None:
         c = self.config
-        self.nc = await natsconn.connect(
-            list(c.nats_urls), name=f"central-hub-query-{os.getpid()}", max_reconnect_attempts=-1
+        self.nc = await bootstrap.connect_nats(
+            c, f"central-hub-query-{os.getpid()}", max_reconnect_attempts=-1
         )
-        self.redis = view_store(c)
+        self.redis = bootstrap.query_redis(c)
         await self.follower.start(self.nc)
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics,
                                     status_details=self.status,

@@ -31,9 +31,11 @@ import redis.asyncio as aioredis
 
 from events.log import Positions, advance, merge_max
 from events.model import HeartbeatReceived, InfraChecked
+from hub import bootstrap
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused
+from hub.natsconn import HubClient
 from projections.postgres import PostgresRegistryProjection
 from projections.redis import RedisRegistryProjection
 from projections.render import (
@@ -139,34 +141,33 @@ class Connections:
     event_log: EventLog
     pool: asyncpg.Pool
     redis: aioredis.Redis
-    nc: object | None = None
+    nc: HubClient | None = None
     views: dict[str, PostgresRegistryProjection | RedisRegistryProjection] = field(
         default_factory=dict
     )
 
     @classmethod
     async def open(cls, config: HubConfig) -> Connections:
-        from hub import natsconn
-        from hub.app import connect_postgres, make_event_log
-
-        nc = await natsconn.connect(list(config.nats_urls)) if config.event_log != "kafka" else None
-        event_log = make_event_log(config, nc, read_only=True)
+        """Connect, built as the hub builds them (``hub.bootstrap``): the log read-only,
+        the views with the hub's settings."""
+        nc = await bootstrap.log_nats(config, "central-hub-replay")
+        event_log = bootstrap.make_event_log(config, nc, read_only=True)
         await event_log.start()
-        pool = await connect_postgres(config)
-        r = aioredis.Redis(host=config.redis_host, port=config.redis_port,
-                           password=config.redis_password or None, db=config.redis_db,
-                           decode_responses=True)  # fmt: skip
-        pg_view = PostgresRegistryProjection(pool)
+        pool = await bootstrap.connect_postgres(config)
+        r = bootstrap.redis_client(config)
+        pg_view = bootstrap.postgres_projection(config, pool)
         await pg_view.setup()
-        return cls(config, event_log, pool, r, nc,
-                   {"postgres": pg_view, "redis": RedisRegistryProjection(r)})  # fmt: skip
+        views: dict[str, PostgresRegistryProjection | RedisRegistryProjection] = {
+            "postgres": pg_view, "redis": bootstrap.redis_projection(config, r),
+        }  # fmt: skip
+        return cls(config, event_log, pool, r, nc, views)
 
     async def close(self) -> None:
         await self.event_log.close()
         await self.pool.close()
         await self.redis.aclose()
         if self.nc is not None:
-            await self.nc.close()  # type: ignore[attr-defined]
+            await self.nc.close()
 
 
 async def replay(conn: Connections, views: tuple[str, ...] = VIEWS, *, out=sys.stderr) -> Positions:  # type: ignore[no-untyped-def]

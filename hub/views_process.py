@@ -36,11 +36,13 @@ import structlog
 
 from events.log import LogRecord, Positions
 from events.model import AnyEvent
+from hub import bootstrap
 from hub.children import die_with_parent, spawn_child
 from hub.config import HubConfig
 from hub.logs import configure, configured
 from hub.metrics import Metrics
 from hub.progress import Progress
+from hub.projector import run_projection
 from hub.tail import LogTail
 
 log = structlog.get_logger(__name__)
@@ -285,9 +287,6 @@ class _Reporter:
 
 
 async def _serve(back_fd: int) -> None:
-    from hub.app import connect_postgres, make_event_log, view_projections
-    from hub.projector import run_projection
-
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=MAX_FRAME)
     await loop.connect_read_pipe(
@@ -309,25 +308,15 @@ async def _serve(back_fd: int) -> None:
     tail = LogTail()
     tail.reset(_to_views.decode(reset).positions)
 
-    import redis.asyncio as aioredis
-
-    from hub import natsconn
-
-    nc = None
-    if config.event_log != "kafka":
-        nc = await natsconn.connect(list(config.nats_urls), name="central-hub-views",
-                                max_reconnect_attempts=-1)  # fmt: skip
-    pool = await connect_postgres(config)
-    r = aioredis.Redis(
-        host=config.redis_host, port=config.redis_port, password=config.redis_password or None,
-        db=config.redis_db, decode_responses=True,
-    )  # fmt: skip
-    event_log = make_event_log(config, nc, read_only=True)
+    nc = await bootstrap.log_nats(config, "central-hub-views", max_reconnect_attempts=-1)
+    pool = await bootstrap.connect_postgres(config)
+    r = bootstrap.redis_client(config)
+    event_log = bootstrap.make_event_log(config, nc, read_only=True)
     await event_log.start()
     metrics = Metrics()
     reporter = _Reporter(out, metrics)
     stop = asyncio.Event()
-    views = view_projections(config, pool, r)
+    views = bootstrap.view_projections(config, pool, r)
     tasks = []
     for p in views:
         run = run_projection(event_log, p, progress=reporter, metrics=metrics, stop=stop, tail=tail)

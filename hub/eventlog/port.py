@@ -66,7 +66,7 @@ class EventLog(Protocol):
     async def start(self) -> None:
         """Connect, and create the log (topic / stream) if it does not exist.
 
-        A log opened read-only (``hub.app.make_event_log(..., read_only=True)``: replay,
+        A log opened read-only (``hub.bootstrap.make_event_log(..., read_only=True)``: replay,
         verify, the views process) neither creates the log nor changes its settings:
         ``EventLogNotFound`` if it does not exist; its ``append`` raises RuntimeError.
         """

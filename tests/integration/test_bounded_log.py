@@ -10,7 +10,7 @@ import time
 import msgspec
 import pytest
 
-from hub.app import make_event_log
+from hub.bootstrap import make_event_log
 from hub.eventlog.jetstream import STREAM
 from tests.integration.conftest import eventually, query
 from tests.integration.test_replay import hub_cli_async, replay_reproduces_the_views

@@ -9,7 +9,7 @@ from collections import Counter
 import msgspec
 
 from events.model import ServiceRegistered
-from hub.app import make_event_log
+from hub.bootstrap import make_event_log
 from tests.integration.conftest import HubProcess, eventually, query, query_all
 
 N = 20_000

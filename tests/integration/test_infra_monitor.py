@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from events.model import InfraConfigLoaded
-from hub.app import Hub, make_event_log
+from hub.app import Hub
+from hub.bootstrap import make_event_log
 from hub.infra.config import InfraConfigError
 from hub.stack import RedisServer
 from tests.integration.conftest import HubProcess, eventually, query

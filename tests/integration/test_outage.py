@@ -25,7 +25,7 @@ from events.model import (
     InstanceHealthChanged,
     SelfPreservationStarted,
 )
-from hub.app import make_event_log
+from hub.bootstrap import make_event_log
 from tests.integration.conftest import eventually, query
 
 INSTANCES = 40

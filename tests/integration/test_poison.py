@@ -19,7 +19,7 @@ import pytest
 
 from events.model import HeartbeatReceived, InputRejected
 from events.subjects import DLQ_STREAM, DLQ_SUBJECT, INGRESS_STREAM
-from hub.app import make_event_log
+from hub.bootstrap import make_event_log
 from tests.fuzzing import INGRESS_KINDS, POISON, ingress_corpus, query_corpus
 from tests.integration.conftest import eventually, query
 

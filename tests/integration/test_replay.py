@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from hub.replay import Connections
 from tests.integration.conftest import ROOT, eventually, query
 
 # A lease no test outlasts (the default TTL is 3 x 10 s heartbeats).
@@ -175,3 +176,27 @@ async def test_verify_replay_verify_gives_the_same_checksums(
     )
     late = await query(nc, "hub.query.services", {"name": "late", "min_seq": ack.seq})
     assert [s["service_name"] for s in late["data"]] == ["late"]
+
+
+def view_settings(view: Any) -> dict[str, Any]:
+    """A view's settings from the configuration. (The projections keep them private:
+    read here rather than widened into their API for one test.)"""
+    return {"cache": view._cache.limit, "journal_days": getattr(view, "_journal_days", None)}
+
+
+async def test_replay_and_verify_get_the_views_built_as_the_hub_builds_them(start_hub):
+    """`hub replay` / `hub verify` (``Connections.open``) build the views with the running
+    hub's settings, view cache and check-journal retention, not the projections'
+    defaults (they once did: the PostgreSQL view without either)."""
+    hub = await start_hub(view_cache=123, infra_history_days=2.5)
+    conn = await Connections.open(hub.config)
+    try:
+        hubs = {p.name: view_settings(p) for p in hub.projections}
+        replays = {v.name: view_settings(v) for v in conn.views.values()}
+    finally:
+        await conn.close()
+    assert replays == hubs
+    assert hubs == {
+        "postgres-registry": {"cache": 123, "journal_days": 2.5},
+        "redis-registry": {"cache": 123, "journal_days": None},
+    }
