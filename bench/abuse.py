@@ -60,6 +60,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client
 
 from bench._scratch import scratch_root
+from events.vocab import Health
 from hub.logs import configure
 from hub.stack import EmbeddedStack
 
@@ -226,7 +227,7 @@ async def heartbeats(nc: Client, n: int, rate: float, stop: asyncio.Event) -> in
             i = k % n
             k += 1
             body = {"service_name": f"svc-{i % SERVICES:02d}", "instance_id": f"inst-{i:06d}",
-                    "status": "healthy", "load": (k % 100) / 100}  # fmt: skip
+                    "status": Health.HEALTHY, "load": (k % 100) / 100}  # fmt: skip
             futures.append(await js.publish_async("hub.heartbeat", _encode(body)))
         with contextlib.suppress(Exception):
             await asyncio.gather(*futures)

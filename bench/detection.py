@@ -50,6 +50,7 @@ from nats.aio.msg import Msg
 from bench._scratch import scratch_root
 from events.codec import decode_event
 from events.model import InstanceHealthChanged
+from events.vocab import Health
 from hub.app import Hub
 from hub.config import HubConfig
 from hub.logs import configure
@@ -133,7 +134,7 @@ async def heartbeat(nc: Client, inst: Tracked, start: float, args: argparse.Name
         {
             "service_name": inst.service,
             "instance_id": inst.instance_id,
-            "status": "healthy",
+            "status": Health.HEALTHY,
             "load": 0.25,
         }
     )
@@ -188,7 +189,7 @@ async def measure(
         inst = by_key.get((e.service_name, e.instance_id))  # type: ignore[union-attr]
         if inst is None:
             return
-        if isinstance(e, InstanceHealthChanged) and e.status == "critical":
+        if isinstance(e, InstanceHealthChanged) and e.status == Health.CRITICAL:
             inst.criticals.append((received, e))
             if all(i.criticals for i in insts):
                 all_critical.set()

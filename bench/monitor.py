@@ -37,6 +37,7 @@ import asyncpg
 import yaml
 
 from bench._scratch import scratch_root
+from events.vocab import InfraStatus
 from hub.app import Hub
 from hub.config import HubConfig
 from hub.stack import EmbeddedStack
@@ -110,7 +111,7 @@ async def bench(args: argparse.Namespace, stack: EmbeddedStack, infra_path: Path
     window = t1 - t0
     configured = args.components / args.interval
     achieved = len(rows) / window
-    unhealthy = sum(1 for r in rows if r["status"] != "HEALTHY")
+    unhealthy = sum(1 for r in rows if r["status"] != InfraStatus.HEALTHY)
     per: dict[str, list[float]] = {}
     for r in rows:
         per.setdefault(r["component"], []).append(float(r["t"]))

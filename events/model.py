@@ -11,6 +11,8 @@ from typing import Any
 
 import msgspec
 
+from events.vocab import Health
+
 SCHEMA_VERSION = 1
 
 
@@ -77,7 +79,7 @@ class HeartbeatReceived(Event, frozen=True):
 
     service_name: str
     instance_id: str
-    status: str = "healthy"
+    status: str = Health.HEALTHY
     load: float | None = None
     checks: dict[str, Any] = {}
     last_seen: float = 0.0  # max(ts, the instance's last_seen before); 0 = use ts
@@ -163,7 +165,7 @@ class InfraChecked(Event, frozen=True):
     """
 
     component: str
-    status: str  # HEALTHY | UNHEALTHY
+    status: str  # InfraStatus: HEALTHY | UNHEALTHY
     response_time_ms: float
     error: str = ""
     metadata: dict[str, Any] = {}

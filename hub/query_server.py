@@ -41,6 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from events.subjects import INGRESS_CONSUMER, INGRESS_STREAM
+from events.vocab import Condition
 from hub import natsconn
 from hub.children import die_with_parent, spawn_child
 from hub.config import HubConfig
@@ -48,7 +49,6 @@ from hub.logs import configure, configured
 from hub.metrics import Metrics
 from hub.progress import Progress, ProgressFollower
 from hub.queries import MAX_FAST, MAX_WORKING, PoolExhausted, QueryService
-from hub.status import DEGRADED, HEALTHY
 
 log = structlog.get_logger(__name__)
 
@@ -134,7 +134,7 @@ class QueryServer:
         if self._stale():
             problems.append(self._silence())
         out["problems"] = problems
-        out["status"] = DEGRADED if problems else out.get("status", HEALTHY)
+        out["status"] = Condition.DEGRADED if problems else out.get("status", Condition.HEALTHY)
         out["hub_heard_s_ago"] = (
             round(self.follower.silent_s(), 3) if self.follower.heard_at is not None else None
         )
