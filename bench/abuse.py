@@ -59,6 +59,7 @@ import nats.errors
 from nats.aio.client import Client
 
 from bench._scratch import scratch_root
+from events.vocab import Health
 from hub.bootstrap import redis_client
 from hub.config import HubConfig
 from hub.logs import configure
@@ -227,7 +228,7 @@ async def heartbeats(nc: Client, n: int, rate: float, stop: asyncio.Event) -> in
             i = k % n
             k += 1
             body = {"service_name": f"svc-{i % SERVICES:02d}", "instance_id": f"inst-{i:06d}",
-                    "status": "healthy", "load": (k % 100) / 100}  # fmt: skip
+                    "status": Health.HEALTHY, "load": (k % 100) / 100}  # fmt: skip
             futures.append(await js.publish_async("hub.heartbeat", _encode(body)))
         with contextlib.suppress(Exception):
             await asyncio.gather(*futures)

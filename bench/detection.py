@@ -58,6 +58,7 @@ from nats.aio.msg import Msg
 from bench._scratch import scratch_root
 from events.codec import decode_event
 from events.model import InstanceHealthChanged
+from events.vocab import Health
 from hub.app import Hub
 from hub.config import HubConfig
 from hub.logs import configure
@@ -193,7 +194,7 @@ async def publisher(args: argparse.Namespace) -> None:
     await nc.flush()
     payloads = [
         _encode({"service_name": SERVICES[i % len(SERVICES)], "instance_id": f"inst-{i:04d}",
-                 "status": "healthy", "load": 0.25})
+                 "status": Health.HEALTHY, "load": 0.25})
         for i in range(n)
     ]  # fmt: skip
     registrations = [registration(i, args) for i in range(n)]
@@ -296,7 +297,7 @@ async def measure(args: argparse.Namespace, stack: EmbeddedStack, hub: Hub) -> i
         about = by_key.get((e.service_name, e.instance_id))  # type: ignore[union-attr]
         if about is None:
             continue
-        if isinstance(e, InstanceHealthChanged) and e.status == "critical":
+        if isinstance(e, InstanceHealthChanged) and e.status == Health.CRITICAL:
             about.criticals.append((received, e))
         else:
             about.others.append(f"{type(e).__name__} {getattr(e, 'status', '')}")

@@ -56,6 +56,7 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client
 
 from bench._scratch import scratch_root
+from events.vocab import Health
 from hub.app import Hub
 from hub.bootstrap import redis_client
 from hub.config import HubConfig
@@ -90,7 +91,7 @@ def heartbeat_payloads(n_heartbeats: int, n_instances: int) -> list[bytes]:
                 {
                     "service_name": service,
                     "instance_id": inst,
-                    "status": "healthy",
+                    "status": Health.HEALTHY,
                     "load": round((k * 37 % 1000) / 1000, 3),
                 }
             )

@@ -36,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from bench._scratch import scratch_root
+from events.vocab import InfraStatus
 from hub.app import Hub
 from hub.bootstrap import connect_postgres
 from hub.config import HubConfig
@@ -110,7 +111,7 @@ async def bench(args: argparse.Namespace, stack: EmbeddedStack, infra_path: Path
     window = t1 - t0
     configured = args.components / args.interval
     achieved = len(rows) / window
-    unhealthy = sum(1 for r in rows if r["status"] != "HEALTHY")
+    unhealthy = sum(1 for r in rows if r["status"] != InfraStatus.HEALTHY)
     per: dict[str, list[float]] = {}
     for r in rows:
         per.setdefault(r["component"], []).append(float(r["t"]))

@@ -51,6 +51,7 @@ from events.model import (
     ServiceDeregistered,
     ServiceRegistered,
 )
+from events.vocab import Health
 from hub.bootstrap import connect_postgres, make_event_log, redis_client
 from hub.config import HubConfig
 from hub.eventlog.kafka import log_reader
@@ -202,7 +203,8 @@ def generate(
         else:
             inst = random_live()
             x = rng.random()
-            status = "healthy" if x < 0.9 else "degraded" if x < 0.97 else "unhealthy"
+            status = (Health.HEALTHY if x < 0.9 else Health.DEGRADED if x < 0.97
+                      else Health.UNHEALTHY)  # fmt: skip
             checks = {"db": "ok", "queue_depth": rng.randrange(100)} if x < 0.3 else {}
             e = HeartbeatReceived(
                 **envelope(inst.tenant),
@@ -349,7 +351,7 @@ async def view_counts(config: HubConfig) -> dict[str, int]:
     try:
         rows = await pg.fetchval("SELECT count(*) FROM service_registry")
         live_rows = await pg.fetchval(
-            "SELECT count(*) FROM service_registry WHERE status <> 'deregistered'"
+            "SELECT count(*) FROM service_registry WHERE status <> $1", Health.DEREGISTERED
         )
         rejections = await pg.fetchval("SELECT count(*) FROM input_rejections")
     finally:

@@ -12,13 +12,17 @@ from events.model import (
     ServiceRegistered,
     partition_key,
 )
+from events.vocab import Condition, Health, InfraStatus
 
 __all__ = [
     "EVENT_TYPES",
     "WATCH_KIND",
     "AnyEvent",
+    "Condition",
     "Event",
+    "Health",
     "HeartbeatReceived",
+    "InfraStatus",
     "InputRejected",
     "ServiceDeregistered",
     "ServiceRegistered",

@@ -7,9 +7,11 @@ a new field always gets a default; a field's type never changes. The tag (the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, get_args
 
 import msgspec
+
+from events.vocab import Health
 
 SCHEMA_VERSION = 1
 
@@ -26,7 +28,16 @@ class Event(msgspec.Struct, tag_field="type", tag=True, kw_only=True, frozen=Tru
         ingress_seq: sequence number of the ingress message this event answers,
             0 for events decided by the hub's own timers.
         schema: envelope schema version.
+
+    Class attributes (not fields), set by each event type:
+        kind: the type's short name in watch subjects (``hub.events.<tenant>.<kind>``)
+            and in the health history; every type names its own.
+        announced: whether the hub announces recorded events of the type on their watch
+            subject (not the bulk: heartbeats, check results).
     """
+
+    kind: ClassVar[str]
+    announced: ClassVar[bool] = True
 
     event_id: str
     tenant: str
@@ -37,6 +48,8 @@ class Event(msgspec.Struct, tag_field="type", tag=True, kw_only=True, frozen=Tru
 
 class ServiceRegistered(Event, frozen=True):
     """An instance of a service announced itself (or re-announced, idempotently)."""
+
+    kind: ClassVar[str] = "registered"
 
     service_name: str
     instance_id: str
@@ -59,6 +72,8 @@ class ServiceRegistered(Event, frozen=True):
 class ServiceDeregistered(Event, frozen=True):
     """An instance left the registry."""
 
+    kind: ClassVar[str] = "deregistered"
+
     service_name: str
     instance_id: str
     reason: str = "requested"
@@ -75,9 +90,12 @@ class HeartbeatReceived(Event, frozen=True):
     instance's *health* is not set here but by ``InstanceHealthChanged``.
     """
 
+    kind: ClassVar[str] = "heartbeat"
+    announced: ClassVar[bool] = False
+
     service_name: str
     instance_id: str
-    status: str = "healthy"
+    status: str = Health.HEALTHY
     load: float | None = None
     checks: dict[str, Any] = {}
     last_seen: float = 0.0  # max(ts, the instance's last_seen before); 0 = use ts
@@ -86,6 +104,8 @@ class HeartbeatReceived(Event, frozen=True):
 class InstanceHealthChanged(Event, frozen=True):
     """The hub changed an instance's health: reported by the instance, or decided by
     its lease timer (``critical``: no heartbeat within the TTL)."""
+
+    kind: ClassVar[str] = "health_changed"
 
     service_name: str
     instance_id: str
@@ -98,6 +118,8 @@ class InstanceHealthChanged(Event, frozen=True):
 class InstanceExpired(Event, frozen=True):
     """An instance stayed critical past its expiry time and left the live view."""
 
+    kind: ClassVar[str] = "expired"
+
     service_name: str
     instance_id: str
     last_seen: float
@@ -109,6 +131,8 @@ class FlappingStarted(Event, frozen=True):
     """The instance changed health too often; single changes are not recorded until
     it is stable again. ``status`` is its health when flapping was detected."""
 
+    kind: ClassVar[str] = "flapping_started"
+
     service_name: str
     instance_id: str
     changes: int
@@ -118,6 +142,8 @@ class FlappingStarted(Event, frozen=True):
 
 class FlappingEnded(Event, frozen=True):
     """The instance was stable for the quiet period; ``status`` is its health now."""
+
+    kind: ClassVar[str] = "flapping_ended"
 
     service_name: str
     instance_id: str
@@ -131,6 +157,8 @@ class SelfPreservationStarted(Event, frozen=True):
     like the hub being cut off rather than the services dying: no instance of the
     tenant expires until ``until`` (a bound: it ends by itself)."""
 
+    kind: ClassVar[str] = "self_preservation_started"
+
     critical: int
     live: int
     share: float
@@ -141,6 +169,8 @@ class SelfPreservationStarted(Event, frozen=True):
 class SelfPreservationEnded(Event, frozen=True):
     """Expiry resumes for the tenant (``reason``: ``bound_reached`` or ``recovered``)."""
 
+    kind: ClassVar[str] = "self_preservation_ended"
+
     reason: str
     critical: int = 0
     live: int = 0
@@ -148,6 +178,8 @@ class SelfPreservationEnded(Event, frozen=True):
 
 class InputRejected(Event, frozen=True):
     """Ingress input that the hub refused, with the reason (the payload is in the DLQ)."""
+
+    kind: ClassVar[str] = "rejected"
 
     subject: str
     reason_code: str
@@ -162,8 +194,11 @@ class InfraChecked(Event, frozen=True):
     per component; ``consecutive_failures`` is the running count when it was recorded.
     """
 
+    kind: ClassVar[str] = "infra_checked"
+    announced: ClassVar[bool] = False
+
     component: str
-    status: str  # HEALTHY | UNHEALTHY
+    status: str  # InfraStatus: HEALTHY | UNHEALTHY
     response_time_ms: float
     error: str = ""
     metadata: dict[str, Any] = {}
@@ -173,6 +208,8 @@ class InfraChecked(Event, frozen=True):
 class InfraStatusChanged(Event, frozen=True):
     """A component's status changed (UNKNOWN until its first result; to UNHEALTHY from
     HEALTHY only after the configured number of consecutive failures)."""
+
+    kind: ClassVar[str] = "infra_status_changed"
 
     component: str
     previous: str
@@ -188,72 +225,44 @@ class InfraConfigLoaded(Event, frozen=True):
     critical, method, interval_s, dependencies, description.
     """
 
+    kind: ClassVar[str] = "infra_config_loaded"
+
     source: str
     digest: str
     components: list[dict[str, Any]] = []
     service_dependencies: dict[str, list[str]] = {}
 
 
-AnyEvent = (
-    ServiceRegistered
-    | ServiceDeregistered
-    | HeartbeatReceived
-    | InputRejected
-    | InstanceHealthChanged
+# Events about an instance's health, kept in the health history.
+HealthEvent = (
+    InstanceHealthChanged
     | InstanceExpired
     | FlappingStarted
     | FlappingEnded
     | SelfPreservationStarted
     | SelfPreservationEnded
-    | InfraChecked
-    | InfraStatusChanged
-    | InfraConfigLoaded
+)
+InfraEvent = InfraChecked | InfraStatusChanged | InfraConfigLoaded
+
+# The one list of event types: adding one is its class (with its ``kind``) and a line
+# in this union (or a group above); the tuples and tables below derive from it.
+AnyEvent = (
+    ServiceRegistered
+    | ServiceDeregistered
+    | HeartbeatReceived
+    | InputRejected
+    | HealthEvent
+    | InfraEvent
 )
 
-EVENT_TYPES: tuple[type[Event], ...] = (
-    ServiceRegistered,
-    ServiceDeregistered,
-    HeartbeatReceived,
-    InputRejected,
-    InstanceHealthChanged,
-    InstanceExpired,
-    FlappingStarted,
-    FlappingEnded,
-    SelfPreservationStarted,
-    SelfPreservationEnded,
-    InfraChecked,
-    InfraStatusChanged,
-    InfraConfigLoaded,
-)
-
-INFRA_EVENTS: tuple[type[Event], ...] = (InfraChecked, InfraStatusChanged, InfraConfigLoaded)
-
-# Events about an instance's health, kept in the health history.
-HEALTH_EVENTS: tuple[type[Event], ...] = (
-    InstanceHealthChanged,
-    InstanceExpired,
-    FlappingStarted,
-    FlappingEnded,
-    SelfPreservationStarted,
-    SelfPreservationEnded,
-)
+EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
+HEALTH_EVENTS: tuple[type[Event], ...] = get_args(HealthEvent)
+INFRA_EVENTS: tuple[type[Event], ...] = get_args(InfraEvent)
 
 # The short name of each event type in watch subjects: hub.events.<tenant>.<kind>.
-WATCH_KIND: dict[type[Event], str] = {
-    ServiceRegistered: "registered",
-    ServiceDeregistered: "deregistered",
-    HeartbeatReceived: "heartbeat",
-    InputRejected: "rejected",
-    InstanceHealthChanged: "health_changed",
-    InstanceExpired: "expired",
-    FlappingStarted: "flapping_started",
-    FlappingEnded: "flapping_ended",
-    SelfPreservationStarted: "self_preservation_started",
-    SelfPreservationEnded: "self_preservation_ended",
-    InfraChecked: "infra_checked",
-    InfraStatusChanged: "infra_status_changed",
-    InfraConfigLoaded: "infra_config_loaded",
-}
+WATCH_KIND: dict[type[Event], str] = {t: t.kind for t in EVENT_TYPES}
+# The types the hub announces on their watch subject once recorded.
+ANNOUNCED: frozenset[type[Event]] = frozenset(t for t in EVENT_TYPES if t.announced)
 
 
 def partition_key(event: Event) -> str:
@@ -274,11 +283,20 @@ def partition_key(event: Event) -> str:
 def compaction_key(event: Event) -> str | None:
     """The key under which the log keeps only the latest event, or None to keep it.
 
-    Only heartbeats are superseded (by the next heartbeat of the same instance);
-    every other event is a fact the log keeps for ever.
+    Only heartbeats and check results are superseded (by the next heartbeat of the same
+    instance, the next result for the same component); every other event is a fact the
+    log keeps for ever. The key is ``<what>/<subject>`` (``superseded_subject``).
     """
     if isinstance(event, HeartbeatReceived):
         return f"hb/{partition_key(event)}"
     if isinstance(event, InfraChecked):
         return f"infra/{event.tenant}/{event.component}"
     return None
+
+
+def superseded_subject(event: Event) -> str | None:
+    """What a superseded event is the latest record of: its instance
+    (``tenant/service/instance``) or component (``tenant/component``); None for an
+    event the log keeps (no ``compaction_key``)."""
+    key = compaction_key(event)
+    return None if key is None else key.partition("/")[2]

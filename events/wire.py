@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 
 from events.names import NAME_PATTERN
+from events.vocab import Health, HealthStatus
 
 Name = Annotated[str, msgspec.Meta(pattern=f"^{NAME_PATTERN}$")]
 Host = Annotated[
@@ -23,7 +24,6 @@ Version = Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9._+-]*
 Protocol = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9+.-]{0,15}$")]
 HealthEndpoint = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^/[\x21-\x7e]*$")]
 Transport = Literal["nats", "kafka", "http", "grpc"]
-HealthStatus = Literal["healthy", "degraded", "unhealthy"]
 Interval = Annotated[float, msgspec.Meta(gt=0, le=3600)]
 Load = Annotated[float, msgspec.Meta(ge=0)]
 MetaKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -79,7 +79,7 @@ class HeartbeatMessage(msgspec.Struct, kw_only=True, frozen=True):
 
     service_name: Name
     instance_id: Name
-    status: HealthStatus = "healthy"
+    status: HealthStatus = Health.HEALTHY.value
     load: Load | None = None
     checks: dict[MetaKey, Any] = {}
 

@@ -19,19 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from events.model import (
+    ANNOUNCED,
+    EVENT_TYPES,
     WATCH_KIND,
     Event,
-    FlappingEnded,
-    FlappingStarted,
     HeartbeatReceived,
     InfraChecked,
-    InfraConfigLoaded,
-    InfraStatusChanged,
     InputRejected,
-    InstanceExpired,
-    InstanceHealthChanged,
-    SelfPreservationEnded,
-    SelfPreservationStarted,
     ServiceDeregistered,
     ServiceRegistered,
 )
@@ -62,22 +56,16 @@ def taken(state: RegistryState, event: Event, now: float) -> list[Event]:
     return [event]
 
 
-# The one registry of reactions: which decision an event type goes through.
-REACTIONS: dict[type[Event], Decision] = {
+# The decisions taken on candidates; every other event type is a decision already taken
+# (by the timer, the monitor, or one of these) and is recorded as is.
+_DECISIONS: dict[type[Event], Decision] = {
     ServiceRegistered: decide_registration,
     HeartbeatReceived: decide_heartbeat,
     ServiceDeregistered: decide_deregistration,
-    InputRejected: taken,
-    InstanceHealthChanged: taken,
-    InstanceExpired: taken,
-    FlappingStarted: taken,
-    FlappingEnded: taken,
-    SelfPreservationStarted: taken,
-    SelfPreservationEnded: taken,
     InfraChecked: decide_infra_check,
-    InfraStatusChanged: taken,
-    InfraConfigLoaded: taken,
 }
+# The one registry of reactions, for every event type of the union (events.model).
+REACTIONS: dict[type[Event], Decision] = {t: _DECISIONS.get(t, taken) for t in EVENT_TYPES}
 
 
 def decide(state: RegistryState, event: Event, now: float) -> list[Event]:
@@ -133,9 +121,6 @@ Candidate = Arrival | Internal | TimerTurn
 
 # --- outcome --------------------------------------------------------------------------
 
-# Pushed to watchers on hub.events.<tenant>.<kind>: everything but heartbeats and
-# infrastructure check results (the bulk; a change they cause is announced as such).
-ANNOUNCED = frozenset(t for t in WATCH_KIND if t not in (HeartbeatReceived, InfraChecked))
 # Counter names by event type (an f-string per message adds up).
 _COUNTERS = {t: f"ingress_{t.__name__}" for t in WATCH_KIND}
 
@@ -189,6 +174,8 @@ def step(
                 _internal(state, now, c.event, out)
             case TimerTurn():
                 _timer(state, now, c, out)
+    # Pushed to watchers: everything but heartbeats and check results (the bulk; a
+    # change they cause is announced as such). See events.model.ANNOUNCED.
     out.announce = [e for e in out.record if type(e) in ANNOUNCED]
     return out
 

@@ -15,10 +15,7 @@ from typing import Any
 import msgspec
 
 from events.model import Event, InfraChecked, InfraConfigLoaded, InfraStatusChanged
-
-UNKNOWN = "UNKNOWN"
-HEALTHY = "HEALTHY"
-UNHEALTHY = "UNHEALTHY"
+from events.vocab import InfraStatus
 
 
 @dataclass
@@ -27,7 +24,7 @@ class InfraComponent:
 
     name: str
     config: dict[str, Any]
-    status: str = UNKNOWN
+    status: str = InfraStatus.UNKNOWN
     status_since: float = 0.0
     last_check: InfraChecked | None = None
 
@@ -52,14 +49,14 @@ def decide_check(state: InfraState, check: InfraChecked, *, failures_to_trip: in
     comp = state.components.get(check.component)
     if comp is None:
         return []
-    failures = comp.consecutive_failures + 1 if check.status == UNHEALTHY else 0
+    failures = comp.consecutive_failures + 1 if check.status == InfraStatus.UNHEALTHY else 0
     recorded = msgspec.structs.replace(check, consecutive_failures=failures)
     out: list[Event] = [recorded]
     if check.status == comp.status:
         return out
-    if check.status == HEALTHY:
+    if check.status == InfraStatus.HEALTHY:
         reason = f"check passed ({check.response_time_ms:.1f} ms)"
-    elif comp.status == UNKNOWN or failures >= failures_to_trip:
+    elif comp.status == InfraStatus.UNKNOWN or failures >= failures_to_trip:
         reason = f"{failures} consecutive failed check(s): {check.error}"
     else:
         return out

@@ -38,18 +38,20 @@ from events.model import (
     ServiceDeregistered,
     ServiceRegistered,
 )
+from events.vocab import Health
 from handlers.deadlines import TimerState
 from handlers.infra import InfraState, decide_check, evolve_infra
 from handlers.ledger import SeqLedger
 
 InstanceKey = tuple[str, str, str]  # tenant, service_name, instance_id
 
-HEALTHY = "healthy"
-DEGRADED = "degraded"
-UNHEALTHY = "unhealthy"
-CRITICAL = "critical"  # missed its lease: no heartbeat within the TTL
-DEREGISTERED = "deregistered"
-EXPIRED = "expired"
+# The instance health vocabulary (``events.vocab.Health``) under the names used here.
+HEALTHY = Health.HEALTHY
+DEGRADED = Health.DEGRADED
+UNHEALTHY = Health.UNHEALTHY
+CRITICAL = Health.CRITICAL  # missed its lease: no heartbeat within the TTL
+DEREGISTERED = Health.DEREGISTERED
+EXPIRED = Health.EXPIRED
 LIVE = HEALTHY  # the health of a newly registered instance
 GONE = frozenset({DEREGISTERED, EXPIRED})
 

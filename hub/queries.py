@@ -39,6 +39,7 @@ from nats.aio.subscription import Subscription
 
 from events.names import is_name
 from events.subjects import QUERY_PREFIX, query_route
+from events.vocab import Condition, InfraStatus
 from events.wire import (
     HealthQuery,
     InfrastructureQuery,
@@ -684,7 +685,7 @@ class QueryService:
         statuses = [c["status"] for c in components]
         summary = {s: statuses.count(s) for s in sorted(set(statuses))}
         critical_down = [c["name"] for c in components
-                         if c["critical"] and c["status"] == "UNHEALTHY"]  # fmt: skip
+                         if c["critical"] and c["status"] == InfraStatus.UNHEALTHY]  # fmt: skip
         data = {"components": components, "by_status": summary, "critical_unhealthy": critical_down}
         return Answer(data, q.correlation_id)
 
@@ -697,7 +698,7 @@ class QueryService:
         if self._status_details is not None:
             data = await self._status_details()
         else:
-            data = {"status": "HEALTHY", "problems": []}
+            data = {"status": Condition.HEALTHY, "problems": []}
         return Answer(data, q.correlation_id)
 
     async def _page(
@@ -809,7 +810,7 @@ def group_page(
     out: list[dict[str, Any]] = []
     for svc, inst in rows:
         if not out or out[-1]["service_name"] != svc:
-            out.append({"service_name": svc, "status": statuses.get(svc, "unhealthy"),
-                        "instances": []})  # fmt: skip
+            status = statuses.get(svc, Condition.UNHEALTHY.lower())  # as _grouped spells it
+            out.append({"service_name": svc, "status": status, "instances": []})
         out[-1]["instances"].append(inst)
     return out

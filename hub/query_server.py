@@ -37,6 +37,7 @@ import structlog
 from nats.aio.client import Client
 
 from events.subjects import INGRESS_CONSUMER, INGRESS_STREAM
+from events.vocab import Condition
 from hub import bootstrap
 from hub.children import die_with_parent, spawn_child
 from hub.config import HubConfig
@@ -44,7 +45,6 @@ from hub.logs import configure, configured
 from hub.metrics import Metrics
 from hub.progress import Progress, ProgressFollower
 from hub.queries import QueryService
-from hub.status import DEGRADED, HEALTHY
 
 log = structlog.get_logger(__name__)
 
@@ -103,7 +103,7 @@ class QueryServer:
         if self._stale():
             problems.append(self._silence())
         out["problems"] = problems
-        out["status"] = DEGRADED if problems else out.get("status", HEALTHY)
+        out["status"] = Condition.DEGRADED if problems else out.get("status", Condition.HEALTHY)
         out["hub_heard_s_ago"] = (
             round(self.follower.silent_s(), 3) if self.follower.heard_at is not None else None
         )

@@ -30,7 +30,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from events.log import Positions, advance, merge_max
-from events.model import HeartbeatReceived, InfraChecked
+from events.model import superseded_subject
 from hub import bootstrap
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
@@ -45,7 +45,6 @@ from projections.render import (
     differences,
     expected_pg,
     expected_redis,
-    row_id,
     volatile_of,
     without_volatile,
 )
@@ -103,9 +102,10 @@ async def fold_log(
     """The pure fold of the log (up to ``until`` if given) and the positions it covers.
 
     ``moved`` (with ``until``) collects what has a volatile record past ``until``, whose
-    earlier one (before ``until``) may have been superseded and removed: instances with
-    a heartbeat (row ids ``tenant/service/instance``) and infrastructure components with
-    a check result (``_infra/<name>``), as ``projections.render.volatile_of`` names them.
+    earlier one (before ``until``) may have been superseded and removed
+    (``events.model.superseded_subject``): instances with a heartbeat (row ids
+    ``tenant/service/instance``) and infrastructure components with a check result
+    (``_infra/<name>``), as ``projections.render.volatile_of`` names them.
     ``ends`` gets the positions after every record read, ``until`` or not.
     """
     view = ViewState()
@@ -119,11 +119,9 @@ async def fold_log(
                     for r in records:
                         if r.position < until.get(r.partition, 0):
                             continue
-                        e = r.event
-                        if isinstance(e, HeartbeatReceived):
-                            moved.add(row_id(e.tenant, e.service_name, e.instance_id))
-                        elif isinstance(e, InfraChecked):
-                            moved.add(f"{e.tenant}/{e.component}")
+                        subject = superseded_subject(r.event)
+                        if subject is not None:
+                            moved.add(subject)
                 records = [r for r in records if r.position < until.get(r.partition, 0)]
             for r in records:
                 view.apply(r.event)

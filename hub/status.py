@@ -20,11 +20,9 @@ from nats.aio.client import Client
 
 from events.names import HUB_TENANT
 from events.subjects import watch_subject
+from events.vocab import Condition
 
 log = structlog.get_logger(__name__)
-
-HEALTHY = "HEALTHY"
-DEGRADED = "DEGRADED"
 
 
 class HubStatus:
@@ -114,8 +112,8 @@ class HubStatus:
         return out
 
     @property
-    def status(self) -> str:
-        return DEGRADED if self.problems() else HEALTHY
+    def status(self) -> Condition:
+        return Condition.DEGRADED if self.problems() else Condition.HEALTHY
 
     def degraded_note(self) -> str | None:
         """For query replies: why they may be stale (None: they are not)."""

@@ -16,6 +16,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from events.vocab import Condition, Health
 from projections.port import READY, REBUILDING
 from projections.redis import (
     INDEX_SEP,
@@ -68,7 +69,7 @@ def _dynamic(raw: list[str | None], preserving: bool) -> dict[str, Any]:
     return {
         "status": status,
         "flapping": flapping == "1",
-        "at_risk": preserving and status == "critical",
+        "at_risk": preserving and status == Health.CRITICAL,
         "reported_status": reported_status or status,
         "status_since": iso(status_since),
         "checks": msgspec.Raw((checks or "{}").encode()),
@@ -103,17 +104,19 @@ def instance_view(raw: list[str | None], *, preserving: bool = False) -> dict[st
 
 def is_healthy(instance: dict[str, Any]) -> bool:
     """Healthy and to be trusted: reports healthy and is not flapping."""
-    return bool(instance["status"] == "healthy" and not instance["flapping"])
+    return bool(instance["status"] == Health.HEALTHY and not instance["flapping"])
 
 
-def overall(statuses: list[str]) -> str:
+def overall(statuses: list[Condition]) -> Condition:
     """The tenant's health from its services': all HEALTHY -> HEALTHY, all UNHEALTHY ->
     UNHEALTHY, otherwise DEGRADED; UNKNOWN when no service is registered."""
     if not statuses:
-        return "UNKNOWN"
-    if all(s == "HEALTHY" for s in statuses):
-        return "HEALTHY"
-    return "UNHEALTHY" if all(s == "UNHEALTHY" for s in statuses) else "DEGRADED"
+        return Condition.UNKNOWN
+    if all(s == Condition.HEALTHY for s in statuses):
+        return Condition.HEALTHY
+    if all(s == Condition.UNHEALTHY for s in statuses):
+        return Condition.UNHEALTHY
+    return Condition.DEGRADED
 
 
 async def read_preservation(r: aioredis.Redis, tenant: str) -> dict[str, Any] | None:
@@ -235,12 +238,12 @@ def counted_status(counts: dict[str, str]) -> tuple[int, int]:
     return live, int(counts.get("trusted", 0))
 
 
-def health_of(counts: dict[str, str]) -> str:
+def health_of(counts: dict[str, str]) -> Condition:
     """``aggregate`` from a service's counts: HEALTHY / DEGRADED / UNHEALTHY."""
     live, trusted = counted_status(counts)
     if live and trusted == live:
-        return "HEALTHY"
-    return "DEGRADED" if trusted else "UNHEALTHY"
+        return Condition.HEALTHY
+    return Condition.DEGRADED if trusted else Condition.UNHEALTHY
 
 
 def service_health(name: str, counts: dict[str, str], *, preserving: bool) -> dict[str, Any]:
@@ -251,7 +254,7 @@ def service_health(name: str, counts: dict[str, str], *, preserving: bool) -> di
     return {
         "service_name": name, "status": health_of(counts), "instances": sum(by_status.values()),
         "by_status": by_status, "flapping": int(counts.get("flapping", 0)),
-        "at_risk": by_status.get("critical", 0) if preserving else 0,
+        "at_risk": by_status.get(Health.CRITICAL, 0) if preserving else 0,
     }  # fmt: skip
 
 

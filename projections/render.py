@@ -33,7 +33,7 @@ from events.model import (
 from events.names import INFRA_TENANT
 from handlers.infra import InfraComponent, InfraState
 from handlers.ledger import SeqLedger
-from handlers.registry import EXPIRED, HEALTHY, Instance, RegistryState, evolve
+from handlers.registry import CRITICAL, EXPIRED, HEALTHY, Instance, RegistryState, evolve
 
 CHECKPOINT_PREFIX = "_meta:checkpoint:"
 _json = msgspec.json.Encoder(order="sorted")
@@ -175,7 +175,7 @@ def pg_history_row(e: Event) -> tuple[Any, ...]:
             kind, previous, status, reason = "health_changed", e.previous, e.status, e.reason
             detail = {"last_seen": e.last_seen}
         case InstanceExpired():
-            kind, previous, status, reason = "expired", "critical", EXPIRED, e.reason
+            kind, previous, status, reason = "expired", CRITICAL, EXPIRED, e.reason
             detail = {"last_seen": e.last_seen, "critical_since": e.critical_since}
         case FlappingStarted():
             kind, previous, status = "flapping_started", "", e.status

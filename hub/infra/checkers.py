@@ -20,7 +20,7 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import asyncpg
 import httpx
@@ -33,6 +33,7 @@ from nats.errors import NoServersError
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from events.vocab import InfraStatus
 from hub.infra.config import Component, HealthCheck
 
 CLOSE_TIMEOUT_S = 1.0  # closing a client after a probe never takes longer than this
@@ -48,14 +49,14 @@ _LAZY_MODULES = ("httpcore", "h11", "anyio", "anyio._backends._asyncio", "certif
 class CheckResult(msgspec.Struct, frozen=True, kw_only=True):
     """The outcome of one probe; ``response_time_ms`` covers connecting, asking and closing."""
 
-    status: Literal["HEALTHY", "UNHEALTHY"]
+    status: InfraStatus  # HEALTHY or UNHEALTHY, never UNKNOWN
     response_time_ms: float
     error: str = ""
     metadata: Metadata = msgspec.field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
-        return self.status == "HEALTHY"
+        return self.status == InfraStatus.HEALTHY
 
 
 class CheckFailed(Exception):
@@ -85,12 +86,14 @@ async def run_check(
     except Exception as exc:
         failure = exc.metadata if isinstance(exc, CheckFailed) else {}
         return CheckResult(
-            status="UNHEALTHY",
+            status=InfraStatus.UNHEALTHY,
             response_time_ms=_elapsed_ms(started),
             error=describe_error(exc, check.timeout, secret=secret),
             metadata=failure,
         )
-    return CheckResult(status="HEALTHY", response_time_ms=_elapsed_ms(started), metadata=metadata)
+    return CheckResult(
+        status=InfraStatus.HEALTHY, response_time_ms=_elapsed_ms(started), metadata=metadata
+    )
 
 
 async def preload() -> None:

@@ -39,14 +39,12 @@ __all__ = [
     "InfraConfigError",
     "Method",
     "ServiceDependency",
-    "Status",
     "default_components",
     "load_infra_config",
     "parse_infra_config",
 ]
 
 Method = Literal["tcp", "http", "redis_ping", "kafka_admin", "postgres", "nats"]
-Status = Literal["HEALTHY", "UNHEALTHY", "UNKNOWN"]
 
 METHODS: tuple[Method, ...] = get_args(Method)
 SECTIONS: tuple[str, ...] = ("databases", "messaging", "search")

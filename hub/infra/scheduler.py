@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from events.vocab import InfraStatus
 from hub.infra.checkers import CLOSE_TIMEOUT_S, CheckResult, describe_error, preload, run_check
 from hub.infra.config import Component, InfraConfig
 
@@ -199,7 +200,7 @@ class CheckScheduler:
                 return await self._check(component)
         except Exception as exc:
             return CheckResult(
-                status="UNHEALTHY",
+                status=InfraStatus.UNHEALTHY,
                 response_time_ms=(time.perf_counter() - started) * 1000.0,
                 error=describe_error(exc, timeout),
             )
