@@ -173,9 +173,6 @@ class Hub:
                               recover=self._recover_ingest, on_failure=self.status.restarted,
                               max_restarts=c.max_deliver + 5, first_delay=RESTART_FIRST_DELAY_S,
                               max_delay=RESTART_MAX_DELAY_S), "ingest")  # fmt: skip
-        self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
-                                    recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
-        await self.monitor.start()
         # Started means answering: the query servers subscribed, and each view's
         # projector attached to its view (until then a query of an empty view would wait
         # for it, then answer UNAVAILABLE). Bounded: a view being rebuilt from a long log
@@ -186,6 +183,11 @@ class Hub:
         )
         if not attached:
             log.warning("views_not_attached_yet", views=views, timeout_s=READY_TIMEOUT_S)
+        # The monitor's first results come after: recorded before a view attached, they
+        # would make it build itself from the log (UNAVAILABLE meanwhile) at every start.
+        self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
+                                    recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
+        await self.monitor.start()
         log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls),
                  query_servers=self.query_servers.pids)  # fmt: skip
 
