@@ -1,7 +1,7 @@
 """A bug in the hub's own code on one message does not wedge the stream, and a task that
 keeps failing ends the hub with a non-zero code instead of hanging.
 
-The bugs are injected into the running hub (a function of the ingest module replaced by
+The bugs are injected into the running hub (a function the ingest path calls replaced by
 one that raises for one message); everything else, servers included, is real.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from events import translate as translate_module
+from handlers import core as core_module
 from hub import app as app_module
 from hub import ingest as ingest_module
 from hub.app import EXIT_GAVE_UP
@@ -44,22 +46,22 @@ async def test_a_message_the_hub_keeps_failing_on_is_dead_lettered_after_max_del
     its own it is dead-lettered with INTERNAL_ERROR and logged, and everything around it
     is recorded. A bug in parsing one message rejects just that one at once."""
     hub = await start_hub(max_deliver=3)
-    evolve = ingest_module.evolve
+    evolve = core_module.evolve
 
     def failing_evolve(state, event):
         if getattr(event, "service_name", "") == "boom":
             raise RuntimeError("injected bug")
         return evolve(state, event)
 
-    parse = ingest_module.parse_ingress
+    parse = translate_module.parse_ingress
 
     def failing_parse(kind, payload, **kw):
         if b"parse-bug" in payload:
             raise KeyError("injected bug")
         return parse(kind, payload, **kw)
 
-    monkeypatch.setattr(ingest_module, "evolve", failing_evolve)
-    monkeypatch.setattr(ingest_module, "parse_ingress", failing_parse)
+    monkeypatch.setattr(core_module, "evolve", failing_evolve)
+    monkeypatch.setattr(translate_module, "parse_ingress", failing_parse)
     js = nc.jetstream()
     before = (await js.publish("hub.register", registration("fine-before"))).seq
     boom = (await js.publish("hub.register", registration("boom"))).seq
