@@ -62,6 +62,7 @@ from nats.aio.client import Client
 from bench._scratch import scratch_root
 from hub.logs import configure
 from hub.stack import EmbeddedStack
+from projections.keys import instance_keys
 
 WINDOW = 2000
 SERVICES = 20
@@ -442,7 +443,7 @@ async def registration_storm(
     # Raw: every instance hash of the tenant from Redis.
     r = aioredis.Redis(host=redis_url[0], port=redis_url[1], decode_responses=True)
     t0 = time.monotonic()
-    keys = [k async for k in r.scan_iter(match="hub:storm:inst:*", count=5000)]
+    keys = [k async for k in r.scan_iter(match=instance_keys("storm"), count=5000)]
     for i in range(0, len(keys), 1000):
         async with r.pipeline(transaction=False) as pipe:
             for k in keys[i : i + 1000]:

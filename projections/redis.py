@@ -1,27 +1,6 @@
 """Redis-protocol projection of the live registry (DragonflyDB, Valkey, Redis).
 
-Keys (``<t>`` = tenant):
-
-* ``hub:<t>:services``                  SET of services with live instances
-* ``hub:<t>:svc:<service>``             SET of the service's live instance ids
-* ``hub:<t>:inst:<service>:<instance>`` HASH of one live instance; its ``doc`` field
-                                        holds the fields that change only on
-                                        registration, rendered as answers show them
-* ``hub:<t>:index``                     ZSET of the live instances, every score 0, member
-                                        ``<service> <instance>``: pages in (service,
-                                        instance) order by ZRANGEBYLEX; ZCARD counts them
-* ``hub:<t>:counts:<service>``          HASH of the service's live instances by
-                                        ``status:<status>``, ``flapping`` and ``trusted``
-                                        (healthy, not flapping); non-zero counts only
-* ``hub:<t>:stats``                     HASH of counters (``rejected``, ``rejected:<code>``)
-* ``hub:<t>:preservation``              HASH since/until, while the tenant self-preserves
-* ``hub:_meta:tenants``                 SET of tenants that ever registered an instance
-* ``hub:_infra:components``             SET of monitored infrastructure components
-* ``hub:_infra:component:<name>``       HASH status, last check and configuration
-* ``hub:_infra:config``                 HASH configuration digest, service_dependencies
-* ``hub:_meta:checkpoint:<projection>`` HASH partition -> next position
-* ``hub:_meta:view:<projection>``       HASH ``state`` (``ready`` | ``rebuilding``),
-                                        ``since``, ``reason``: what queries are told
+Its keys are those of ``projections.keys``.
 
 A batch is folded over the instances it touches (from the projection's cache of
 what it last wrote, else read in one pipeline) with the same pure ``evolve`` as
@@ -58,7 +37,6 @@ from events.model import (
     ServiceDeregistered,
     ServiceRegistered,
 )
-from events.names import INFRA_TENANT
 from handlers.infra import InfraState, fold_infra
 from handlers.registry import (
     Instance,
@@ -69,10 +47,34 @@ from handlers.registry import (
     key_of,
 )
 from projections.cache import InstanceCache
+from projections.keys import (
+    INFRA_COMPONENTS_KEY,
+    INFRA_CONFIG_KEY,
+    PREFIX,
+    REBUILD_LOCK_KEY,
+    SHADOW_PREFIX,
+    TENANTS_KEY,
+    checkpoint_key,
+    component_key,
+    counts_key,
+    every_key,
+    index_key,
+    index_member,
+    instance_key,
+    instance_keys,
+    is_bookkeeping,
+    moved_to,
+    preservation_key,
+    service_key,
+    services_key,
+    stats_key,
+    tenant_of,
+    value_type,
+    view_key,
+)
 from projections.port import READY, ViewLost, ViewMismatch, behind
 from projections.render import (
     HEARTBEAT_COLUMNS,
-    INDEX_SEP,
     RedisValue,
     ViewState,
     canonical_redis,
@@ -80,7 +82,6 @@ from projections.render import (
     differences,
     expected_redis,
     from_json,
-    index_member,
     infra_from_redis,
     instance_from_redis,
     redis_heartbeat_fields,
@@ -90,75 +91,13 @@ from projections.render import (
     to_json,
 )
 
-TENANTS_KEY = "hub:_meta:tenants"
-SHADOW = "hubreplay"
 # One rebuild at a time (``hub replay`` and a projector healing its view share the
-# shadow keyspace): held while it runs, expiring in case its holder dies.
-REBUILD_LOCK_KEY = "hubreplay-lock"
+# shadow keyspace): REBUILD_LOCK_KEY held while it runs, expiring in case its holder dies.
 REBUILD_LOCK_MS = 10 * 60 * 1000
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-__all__ = ["INDEX_SEP", "index_member"]
-
-
-def services_key(tenant: str) -> str:
-    return f"hub:{tenant}:services"
-
-
-def service_key(tenant: str, service: str) -> str:
-    return f"hub:{tenant}:svc:{service}"
-
-
-def instance_key(tenant: str, service: str, instance: str) -> str:
-    return f"hub:{tenant}:inst:{service}:{instance}"
-
-
-def index_key(tenant: str) -> str:
-    return f"hub:{tenant}:index"
-
-
-def counts_key(tenant: str, service: str) -> str:
-    return f"hub:{tenant}:counts:{service}"
-
-
-def stats_key(tenant: str) -> str:
-    return f"hub:{tenant}:stats"
-
-
-def preservation_key(tenant: str) -> str:
-    return f"hub:{tenant}:preservation"
-
-
-INFRA_COMPONENTS_KEY = f"hub:{INFRA_TENANT}:components"
-INFRA_CONFIG_KEY = f"hub:{INFRA_TENANT}:config"
-
-
-def component_key(name: str) -> str:
-    return f"hub:{INFRA_TENANT}:component:{name}"
-
-
-def checkpoint_key(projection: str) -> str:
-    return f"hub:_meta:checkpoint:{projection}"
-
-
-def view_key(projection: str) -> str:
-    """The view's state for its readers (not part of the view: like the checkpoint)."""
-    return f"hub:_meta:view:{projection}"
-
-
-_NOT_THE_VIEW = ("_meta:checkpoint:", "_meta:view:")
-
-# The type of each key of the view, by its third segment (``hub:<t>:<kind>...``).
-_HASHES = frozenset({"inst", "counts", "stats", "preservation", "component", "config"})
-_ZSETS = frozenset({"index"})
-
-
-def _kind(key: str) -> str:
-    parts = key.split(":", 3)
-    kind = parts[2] if len(parts) > 2 else ""
-    return "hash" if kind in _HASHES else "zset" if kind in _ZSETS else "set"
 
 
 # One write of a batch: (command, key, arguments).
@@ -333,7 +272,7 @@ class RedisRegistryProjection:
             return
         at = await self.checkpoint()
         names: list[str] = []
-        async for k in self._r.scan_iter(match="hub:*:inst:*", count=1000):
+        async for k in self._r.scan_iter(match=instance_keys(), count=1000):
             names.append(k)
             if len(names) >= limit:
                 break
@@ -345,7 +284,7 @@ class RedisRegistryProjection:
                 found = await read.execute()
             for k, h in zip(names[i : i + 1000], found, strict=True):
                 if h:
-                    inst = instance_from_redis(k.split(":", 2)[1], h)
+                    inst = instance_from_redis(tenant_of(k), h)
                     entries[(inst.tenant, inst.service_name, inst.instance_id)] = (inst, h)
         if await self.checkpoint() == at:
             self._cache.load(entries, at)
@@ -585,9 +524,8 @@ class RedisRegistryProjection:
     async def _names(self, prefix: str) -> list[str]:
         """The keys under ``prefix`` that belong to the view (checkpoints and the view's
         state aside)."""
-        skip = tuple(f"{prefix}:{x}" for x in _NOT_THE_VIEW)
-        return [k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
-                if not k.startswith(skip)]  # fmt: skip
+        return [k async for k in self._r.scan_iter(match=every_key(prefix), count=1000)
+                if not is_bookkeeping(k, prefix)]  # fmt: skip
 
     async def _read_values(
         self, names: list[str], *, atomic: bool = False
@@ -595,11 +533,11 @@ class RedisRegistryProjection:
         """The checkpoint and each key's value (``atomic``: all read in one MULTI/EXEC, a
         consistent cut, which holds the server up while it runs).
 
-        The key's name says its type (see ``_kind``), which saves a TYPE round per key; a
+        The key's name says its type (``keys.value_type``), which saves a TYPE round per key; a
         key of the wrong type reads as an error marker, so verification reports it
         instead of failing. A key gone since it was listed is left out.
         """
-        kinds = [_kind(k) for k in names]
+        kinds = [value_type(k) for k in names]
         async with self._r.pipeline(transaction=atomic) as pipe:
             pipe.hgetall(checkpoint_key(self.name))
             for k, kind in zip(names, kinds, strict=True):
@@ -643,13 +581,13 @@ class RedisRegistryProjection:
         values: dict[str, RedisValue] = {}
         for _ in range(_OPTIMISTIC_SNAPSHOTS):
             before = await self.checkpoint()
-            at, values = await self._read_values(await self._names("hub"))
+            at, values = await self._read_values(await self._names(PREFIX))
             if at == before and await self.checkpoint() == before:
                 return at, {k: canonical_redis(k, v) for k, v in values.items()}
         for _ in range(_ATOMIC_SNAPSHOTS):
-            names = await self._names("hub")
+            names = await self._names(PREFIX)
             at, values = await self._read_values(names, atomic=True)
-            if not set(await self._names("hub")) - set(names):
+            if not set(await self._names(PREFIX)) - set(names):
                 break
         return at, {k: canonical_redis(k, v) for k, v in values.items()}
 
@@ -673,30 +611,30 @@ class RedisRegistryProjection:
 
     async def _rebuild(self, view: ViewState, positions: Positions) -> None:
         self._cache.clear()
-        stale = [k async for k in self._r.scan_iter(match=f"{SHADOW}:*", count=1000)]
+        stale = [k async for k in self._r.scan_iter(match=every_key(SHADOW_PREFIX), count=1000)]
         if stale:
             await self._r.delete(*stale)
-        expected = expected_redis(view, prefix=SHADOW)
+        expected = expected_redis(view, prefix=SHADOW_PREFIX)
         writes = [_value_writes(key, value) for key, value in expected.items()]
         for at in range(0, len(writes), 1000):  # one script per 1,000 keys
             keys, out = _indexed([], writes[at : at + 1000])
             await self._write_batch(keys=keys, args=[_encode_batch(out)])
-        written = await self._read_keys(SHADOW)
+        written = await self._read_keys(SHADOW_PREFIX)
         problems = differences(
-            {k: canonical_redis(k, v, SHADOW) for k, v in expected.items()},
-            {k: canonical_redis(k, v, SHADOW) for k, v in written.items()},
+            {k: canonical_redis(k, v, SHADOW_PREFIX) for k, v in expected.items()},
+            {k: canonical_redis(k, v, SHADOW_PREFIX) for k, v in written.items()},
         )
         if problems:
             raise ViewMismatch("\n".join(problems[:20]))
         ckey = checkpoint_key(self.name)
-        live = await self._names("hub")
+        live = await self._names(PREFIX)
         async with self._r.pipeline(transaction=True) as pipe:
-            renamed = {"hub" + k[len(SHADOW) :] for k in expected}
+            renamed = {moved_to(k, SHADOW_PREFIX) for k in expected}
             gone = [k for k in live if k not in renamed]
             if gone:
                 pipe.delete(*gone)
             for k in expected:
-                pipe.rename(k, "hub" + k[len(SHADOW) :])
+                pipe.rename(k, moved_to(k, SHADOW_PREFIX))
             pipe.delete(ckey)
             if positions:
                 pipe.hset(ckey, mapping={str(p): str(n) for p, n in positions.items()})

@@ -34,8 +34,8 @@ from events.names import INFRA_TENANT
 from handlers.infra import InfraComponent, InfraState
 from handlers.ledger import SeqLedger
 from handlers.registry import EXPIRED, HEALTHY, Instance, RegistryState, evolve
+from projections import keys
 
-CHECKPOINT_PREFIX = "_meta:checkpoint:"
 _json = msgspec.json.Encoder(order="sorted")
 from_json = msgspec.json.decode
 
@@ -437,17 +437,6 @@ def redis_preservation_hash(since: float, until: float) -> dict[str, str]:
     return {"since": num(since), "until": num(until)}
 
 
-# The tenant's index of live instances (a sorted set, every score 0, read in member
-# order by ZRANGEBYLEX): one member per instance, ``<service> <instance>``. The
-# separator sorts below every character a name may hold, so member order is
-# (service, instance) order, the order queries page in.
-INDEX_SEP = " "
-
-
-def index_member(service: str, instance: str) -> str:
-    return f"{service}{INDEX_SEP}{instance}"
-
-
 def counted(status: str, flapping: bool) -> list[str]:
     """The fields of ``hub:<t>:counts:<service>`` one live instance counts in: its
     status (``status:<status>``), ``flapping``, and ``trusted`` when it is healthy and
@@ -465,9 +454,9 @@ ZSetValue = tuple[tuple[str, float], ...]
 RedisValue = dict[str, str] | frozenset[str] | ZSetValue
 
 
-def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue]:
+def expected_redis(view: ViewState, prefix: str = keys.PREFIX) -> dict[str, RedisValue]:
     """Every key the Redis view must hold (checkpoints aside), with its value."""
-    keys: dict[str, RedisValue] = {}
+    out: dict[str, RedisValue] = {}
     services: dict[str, set[str]] = {}
     members: dict[tuple[str, str], set[str]] = {}
     index: dict[str, list[str]] = {}
@@ -478,23 +467,23 @@ def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue
         if not inst.live:
             continue
         t, s, i = inst.tenant, inst.service_name, inst.instance_id
-        keys[f"{prefix}:{t}:inst:{s}:{i}"] = redis_instance_hash(inst)
+        out[keys.instance_key(t, s, i, prefix)] = redis_instance_hash(inst)
         members.setdefault((t, s), set()).add(i)
         services.setdefault(t, set()).add(s)
-        index.setdefault(t, []).append(index_member(s, i))
+        index.setdefault(t, []).append(keys.index_member(s, i))
         tally = by_status.setdefault((t, s), {})
         for f in counted(inst.status, inst.flapping):
             tally[f] = tally.get(f, 0) + 1
     for (t, s), ids in members.items():
-        keys[f"{prefix}:{t}:svc:{s}"] = frozenset(ids)
+        out[keys.service_key(t, s, prefix)] = frozenset(ids)
     for t, names in services.items():
-        keys[f"{prefix}:{t}:services"] = frozenset(names)
+        out[keys.services_key(t, prefix)] = frozenset(names)
     for t, listed in index.items():
-        keys[f"{prefix}:{t}:index"] = tuple((m, 0.0) for m in sorted(listed))
+        out[keys.index_key(t, prefix)] = tuple((m, 0.0) for m in sorted(listed))
     for (t, s), tally in by_status.items():
-        keys[f"{prefix}:{t}:counts:{s}"] = {f: str(n) for f, n in tally.items()}
+        out[keys.counts_key(t, s, prefix)] = {f: str(n) for f, n in tally.items()}
     if tenants:
-        keys[f"{prefix}:_meta:tenants"] = frozenset(tenants)
+        out[keys.tenants_key(prefix)] = frozenset(tenants)
     stats: dict[str, dict[str, int]] = {}
     for e in view.rejections.values():
         counts = stats.setdefault(e.tenant, {})
@@ -502,25 +491,25 @@ def expected_redis(view: ViewState, prefix: str = "hub") -> dict[str, RedisValue
         code = f"rejected:{e.reason_code}"
         counts[code] = counts.get(code, 0) + 1
     for t, counts in stats.items():
-        keys[f"{prefix}:{t}:stats"] = {k: str(v) for k, v in counts.items()}
+        out[keys.stats_key(t, prefix)] = {k: str(v) for k, v in counts.items()}
     for t, period in view.registry.preservation.items():
-        keys[f"{prefix}:{t}:preservation"] = redis_preservation_hash(period.since, period.until)
+        out[keys.preservation_key(t, prefix)] = redis_preservation_hash(period.since, period.until)
     infra = view.registry.infra
     for c in infra.components.values():
-        keys[f"{prefix}:{INFRA_TENANT}:component:{c.name}"] = redis_infra_hash(c)
+        out[keys.component_key(c.name, prefix)] = redis_infra_hash(c)
     if infra.components:
-        keys[f"{prefix}:{INFRA_TENANT}:components"] = frozenset(infra.components)
+        out[keys.components_key(prefix)] = frozenset(infra.components)
     if infra.digest:
-        keys[f"{prefix}:{INFRA_TENANT}:config"] = {
+        out[keys.infra_config_key(prefix)] = {
             "digest": infra.digest,
             "service_dependencies": to_json(infra.service_dependencies),
         }
-    return keys
+    return out
 
 
-def canonical_redis(key: str, value: RedisValue, prefix: str = "hub") -> str:
-    """A key and its value as one canonical line (the prefix normalised to ``hub``)."""
-    name = "hub" + key[len(prefix) :]
+def canonical_redis(key: str, value: RedisValue, prefix: str = keys.PREFIX) -> str:
+    """A key and its value as one canonical line (the prefix normalised to ``keys.PREFIX``)."""
+    name = keys.moved_to(key, prefix)
     if isinstance(value, dict):
         return name + " hash " + to_json(value)
     if isinstance(value, tuple):
@@ -546,11 +535,10 @@ def volatile_of(key: str) -> str | None:
         return key[len("service_registry/") :]
     if key.startswith("infra_status/"):
         return f"{INFRA_TENANT}/{key[len('infra_status/') :]}"
-    parts = key.split(":")
-    if len(parts) == 5 and parts[0] == "hub" and parts[2] == "inst":
-        return f"{parts[1]}/{parts[3]}/{parts[4]}"
-    if len(parts) == 4 and parts[:3] == ["hub", INFRA_TENANT, "component"]:
-        return f"{INFRA_TENANT}/{parts[3]}"
+    if (instance := keys.instance_of(key)) is not None:
+        return row_id(*instance)
+    if (component := keys.component_of(key)) is not None:
+        return f"{INFRA_TENANT}/{component}"
     return None
 
 
@@ -570,7 +558,7 @@ def without_volatile(line: str) -> str:
             values[i] = None
         return head + " " + to_json(values)
     name, kind, body = line.split(" ", 2)
-    drop = CHECK_COLUMNS if name.startswith(f"hub:{INFRA_TENANT}:component:") else HEARTBEAT_COLUMNS
+    drop = CHECK_COLUMNS if keys.component_of(name) is not None else HEARTBEAT_COLUMNS
     fields = {k: v for k, v in from_json(body).items() if k not in drop}
     return f"{name} {kind} " + to_json(fields)
 
