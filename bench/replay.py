@@ -58,7 +58,7 @@ from hub.eventlog.kafka import KafkaEventLog, log_reader
 from hub.replay import Connections, fold_log, replay
 from hub.stack import KafkaServer, PostgresServer, RedisServer
 from projections import keys
-from projections.render import ViewState
+from projections.fold import ViewState
 
 TARGET = 0.50  # replay must reach this fraction of the raw aiokafka read rate
 PARTITIONS = 6

@@ -34,19 +34,12 @@ from events.model import HeartbeatReceived, InfraChecked
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused
+from projections.canonical import checksum, component_subject, differences, instance_subject
+from projections.fold import ViewState
 from projections.postgres import PostgresRegistryProjection
+from projections.postgres_render import POSTGRES_RENDERING
 from projections.redis import RedisRegistryProjection
-from projections.render import (
-    ViewState,
-    canonical_redis,
-    checksum,
-    differences,
-    expected_pg,
-    expected_redis,
-    row_id,
-    volatile_of,
-    without_volatile,
-)
+from projections.redis_render import REDIS_RENDERING
 
 VIEWS = ("postgres", "redis")
 
@@ -103,7 +96,7 @@ async def fold_log(
     ``moved`` (with ``until``) collects what has a volatile record past ``until``, whose
     earlier one (before ``until``) may have been superseded and removed: instances with
     a heartbeat (row ids ``tenant/service/instance``) and infrastructure components with
-    a check result (``_infra/<name>``), as ``projections.render.volatile_of`` names them.
+    a check result (``_infra/<name>``), as the views' ``Rendering.volatile_of`` names them.
     ``ends`` gets the positions after every record read, ``until`` or not.
     """
     view = ViewState()
@@ -119,9 +112,9 @@ async def fold_log(
                             continue
                         e = r.event
                         if isinstance(e, HeartbeatReceived):
-                            moved.add(row_id(e.tenant, e.service_name, e.instance_id))
+                            moved.add(instance_subject(e.tenant, e.service_name, e.instance_id))
                         elif isinstance(e, InfraChecked):
-                            moved.add(f"{e.tenant}/{e.component}")
+                            moved.add(component_subject(e.component))
                 records = [r for r in records if r.position < until.get(r.partition, 0)]
             for r in records:
                 view.apply(r.event)
@@ -210,14 +203,12 @@ async def verify(conn: Connections, views: tuple[str, ...] = VIEWS) -> list[View
         moved: set[str] = set()
         ends: Positions = {}
         view, _ = await fold_log(conn.event_log, until=checkpoint, moved=moved, ends=ends)
-        if name == "postgres":
-            expected = expected_pg(view)
-        else:
-            expected = {k: canonical_redis(k, v) for k, v in expected_redis(view).items()}
+        rendering = POSTGRES_RENDERING if name == "postgres" else REDIS_RENDERING
+        expected = rendering.expected(view)
         moving = [
             key for key in set(expected) & set(actual)
-            if expected[key] != actual[key] and volatile_of(key) in moved
-            and without_volatile(expected[key]) == without_volatile(actual[key])
+            if expected[key] != actual[key] and rendering.volatile_of(key) in moved
+            and rendering.without_volatile(expected[key]) == rendering.without_volatile(actual[key])
         ]  # fmt: skip
         exempt = {k: actual[k] for k in moving}
         problems = differences({**expected, **exempt}, actual)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from events.log import LogRecord, Positions
-from projections.render import ViewState
+from projections.fold import ViewState
 
 # What a view's readers are told of it (the Redis view's ``hub:_meta:view:<projection>``):
 # READY, the view holds the fold of the log up to its checkpoint (an empty log: no

@@ -45,20 +45,18 @@ from handlers.registry import (
     key_of,
 )
 from projections.cache import InstanceCache
+from projections.canonical import HEARTBEAT_FIELDS, differences, from_json
+from projections.fold import ViewState
 from projections.port import ViewLost, ViewMismatch, behind
-from projections.render import (
+from projections.postgres_render import (
     HISTORY_COLUMNS,
     INFRA_COLUMNS,
     INFRA_CONFIG_COLUMNS,
     INFRA_HISTORY_COLUMNS,
-    PG_HEARTBEAT_COLUMNS,
     REGISTRY_COLUMNS,
     REJECTION_COLUMNS,
-    ViewState,
     canonical_pg,
-    differences,
     expected_pg,
-    from_json,
     infra_from_pg,
     instance_from_pg,
     pg_heartbeat_row,
@@ -101,14 +99,14 @@ _HEARTBEATS = (
     "UPDATE service_registry AS r SET "
     + ", ".join(
         f"{c} = u.{c}::jsonb" if _TYPES.get(c) == "jsonb" else f"{c} = u.{c}"
-        for c in PG_HEARTBEAT_COLUMNS
+        for c in HEARTBEAT_FIELDS
     )
     + " FROM unnest($1::text[], "
     + ", ".join(
         f"${i + 2}::{'text' if _TYPES.get(c) == 'jsonb' else _TYPES.get(c, 'text')}[]"
-        for i, c in enumerate(PG_HEARTBEAT_COLUMNS)
+        for i, c in enumerate(HEARTBEAT_FIELDS)
     )
-    + f") AS u(id, {', '.join(PG_HEARTBEAT_COLUMNS)}) WHERE r.id = u.id"
+    + f") AS u(id, {', '.join(HEARTBEAT_FIELDS)}) WHERE r.id = u.id"
 )
 _REJECTED = (
     f"INSERT INTO input_rejections ({', '.join(REJECTION_COLUMNS)}) "

@@ -47,6 +47,8 @@ from handlers.registry import (
     key_of,
 )
 from projections.cache import InstanceCache
+from projections.canonical import differences, from_json, to_json
+from projections.fold import ViewState
 from projections.keys import (
     INFRA_COMPONENTS_KEY,
     INFRA_CONFIG_KEY,
@@ -73,22 +75,18 @@ from projections.keys import (
     view_key,
 )
 from projections.port import READY, ViewLost, ViewMismatch, behind
-from projections.render import (
-    HEARTBEAT_COLUMNS,
+from projections.redis_render import (
+    HEARTBEAT_FIELD_SET,
     RedisValue,
-    ViewState,
     canonical_redis,
     counted,
-    differences,
     expected_redis,
-    from_json,
     infra_from_redis,
     instance_from_redis,
     redis_heartbeat_fields,
     redis_infra_hash,
     redis_instance_hash,
     redis_preservation_hash,
-    to_json,
 )
 
 # One rebuild at a time (``hub replay`` and a projector healing its view share the
@@ -447,7 +445,7 @@ class RedisRegistryProjection:
                 # heartbeat fields can differ (the model test holds this to the fold).
                 hb = redis_heartbeat_fields(inst)
                 old = before[k]
-                writes.extend(_hash_diff(instance_key(*k), old, hb, only=HEARTBEAT_COLUMNS))
+                writes.extend(_hash_diff(instance_key(*k), old, hb, only=HEARTBEAT_FIELD_SET))
                 old.update(hb)  # the cached entry, updated in place
                 if "load" not in hb:
                     old.pop("load", None)

@@ -33,7 +33,7 @@ from projections.keys import (
     view_key,
 )
 from projections.port import READY, REBUILDING
-from projections.render import instance_doc, iso
+from projections.redis_render import instance_doc, iso
 
 # The instance fields a query reads, in this order: the rendered ``doc`` of the
 # fields that change only on registration, then those that change with heartbeats and

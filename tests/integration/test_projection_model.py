@@ -47,16 +47,13 @@ from events.model import (
     ServiceRegistered,
     partition_key,
 )
+from projections.canonical import differences
+from projections.fold import fold_view
 from projections.port import ViewLost
 from projections.postgres import PostgresRegistryProjection
+from projections.postgres_render import expected_pg
 from projections.redis import RedisRegistryProjection
-from projections.render import (
-    canonical_redis,
-    differences,
-    expected_pg,
-    expected_redis,
-    fold_view,
-)
+from projections.redis_render import canonical_redis, expected_redis
 from tests.integration.conftest import eventually
 
 PARTITIONS = 2
