@@ -36,10 +36,9 @@ from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused
 from projections.canonical import checksum, component_subject, differences, instance_subject
 from projections.fold import ViewState
+from projections.port import Projection
 from projections.postgres import PostgresRegistryProjection
-from projections.postgres_render import POSTGRES_RENDERING
 from projections.redis import RedisRegistryProjection
-from projections.redis_render import REDIS_RENDERING
 
 VIEWS = ("postgres", "redis")
 
@@ -133,9 +132,7 @@ class Connections:
     pool: asyncpg.Pool
     redis: aioredis.Redis
     nc: object | None = None
-    views: dict[str, PostgresRegistryProjection | RedisRegistryProjection] = field(
-        default_factory=dict
-    )
+    views: dict[str, Projection] = field(default_factory=dict)
 
     @classmethod
     async def open(cls, config: HubConfig) -> Connections:
@@ -199,11 +196,12 @@ async def verify(conn: Connections, views: tuple[str, ...] = VIEWS) -> list[View
     """Compare each view with the fold of the log up to that view's checkpoint."""
     reports = []
     for name in views:
-        checkpoint, actual = await conn.views[name].snapshot()
+        projection = conn.views[name]
+        checkpoint, actual = await projection.snapshot()
         moved: set[str] = set()
         ends: Positions = {}
         view, _ = await fold_log(conn.event_log, until=checkpoint, moved=moved, ends=ends)
-        rendering = POSTGRES_RENDERING if name == "postgres" else REDIS_RENDERING
+        rendering = projection.rendering
         expected = rendering.expected(view)
         moving = [
             key for key in set(expected) & set(actual)

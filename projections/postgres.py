@@ -53,6 +53,7 @@ from projections.postgres_render import (
     INFRA_COLUMNS,
     INFRA_CONFIG_COLUMNS,
     INFRA_HISTORY_COLUMNS,
+    POSTGRES_RENDERING,
     REGISTRY_COLUMNS,
     REJECTION_COLUMNS,
     canonical_pg,
@@ -165,6 +166,8 @@ _HEALTH_TYPES = frozenset(HEALTH_EVENTS)
 
 class PostgresRegistryProjection:
     """The registry view in PostgreSQL."""
+
+    rendering = POSTGRES_RENDERING
 
     def __init__(
         self, pool: asyncpg.Pool, *, name: str = "postgres-registry",

@@ -77,6 +77,7 @@ from projections.keys import (
 from projections.port import READY, ViewLost, ViewMismatch, behind
 from projections.redis_render import (
     HEARTBEAT_FIELD_SET,
+    REDIS_RENDERING,
     RedisValue,
     canonical_redis,
     counted,
@@ -243,6 +244,8 @@ _ATOMIC_SNAPSHOTS = 10
 
 class RedisRegistryProjection:
     """The live registry view in a Redis-protocol server (client with decode_responses)."""
+
+    rendering = REDIS_RENDERING
 
     def __init__(
         self, client: aioredis.Redis, *, name: str = "redis-registry", cache: int = 50_000
