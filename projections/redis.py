@@ -2,10 +2,11 @@
 
 Its keys are those of ``projections.keys``.
 
-A batch is folded over the instances it touches (from the projection's cache of
-what it last wrote, else read in one pipeline) with the same pure ``evolve`` as
-the hub; each touched key is then written once, only the fields that changed
-(the index and the counts by what entered, left or changed status).
+A batch is planned (``projections.batch``, as the PostgreSQL view does): folded over
+the instances it touches (from the projection's cache of what it last wrote, else
+read in one pipeline) with the same pure ``evolve`` as the hub; each touched key is
+then written once, only the fields that changed (the index and the counts by what
+entered, left or changed status).
 Effects and checkpoint go in one Lua script (APPLY_BATCH) that first checks the
 checkpoint is still the one the batch was planned on, so a second writer of the
 same projection makes this one plan again, never double-apply; a checkpoint found
@@ -20,32 +21,16 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from events.log import LogRecord, Positions, advance, unseen
-from events.model import (
-    INFRA_EVENTS,
-    HeartbeatReceived,
-    InfraConfigLoaded,
-    InputRejected,
-    InstanceExpired,
-    SelfPreservationEnded,
-    SelfPreservationStarted,
-    ServiceDeregistered,
-    ServiceRegistered,
-)
+from events.model import Event, InfraConfigLoaded
 from handlers.infra import InfraState, fold_infra
-from handlers.registry import (
-    Instance,
-    InstanceEvent,
-    InstanceKey,
-    RegistryState,
-    evolve,
-    key_of,
-)
+from handlers.registry import Instance, InstanceKey
+from projections.batch import BatchPlan, fold_instances, plan_batch
 from projections.cache import InstanceCache
 from projections.canonical import differences, from_json, to_json
 from projections.fold import ViewState
@@ -202,9 +187,6 @@ def _indexed(
     return keys, out
 
 
-MEMBERSHIP_EVENTS = (ServiceRegistered, ServiceDeregistered, InstanceExpired)
-
-
 def _hash_diff(
     key: str, before: dict[str, str], after: dict[str, str] | None,
     *, only: frozenset[str] | None = None,
@@ -234,9 +216,6 @@ def _value_writes(key: str, value: RedisValue) -> Write:
     return cmd("sadd", key, *sorted(value))
 
 
-_INFRA_TYPES = frozenset(INFRA_EVENTS)
-_INSTANCE_TYPES = frozenset(get_args(InstanceEvent))
-_MEMBERSHIP_TYPES = frozenset(MEMBERSHIP_EVENTS)
 # hub verify: consistent reads without blocking the server first, then atomic ones.
 _OPTIMISTIC_SNAPSHOTS = 3
 _ATOMIC_SNAPSHOTS = 10
@@ -352,8 +331,9 @@ class RedisRegistryProjection:
                 return checkpoint
             self._cache.valid_at(checkpoint)
             try:
-                writes, written = await self._plan(todo)
-                writes += await self._plan_infra(todo)
+                plan = plan_batch(todo)
+                writes, written = await self._plan(plan)
+                writes += await self._plan_infra(plan.infra)
                 new = advance(checkpoint, todo)
                 keys, batch = batch_arguments(ckey, checkpoint, new, writes)
                 done = await self._apply_batch(keys=keys, args=[batch])
@@ -368,46 +348,20 @@ class RedisRegistryProjection:
             checkpoint = None
 
     async def _plan(
-        self, todo: Sequence[LogRecord]
+        self, plan: BatchPlan
     ) -> tuple[list[Write], dict[InstanceKey, tuple[Instance, dict[str, str]] | None]]:
         """Fold the batch over the keys it touches; the commands that write the result,
         and each touched instance as written (None: not in the live view)."""
-        touched: dict[InstanceKey, None] = {}  # in log order
-        not_only_heartbeats: set[InstanceKey] = set()
-        services: dict[tuple[str, str], None] = {}
-        stats: Counter[tuple[str, str]] = Counter()
-        tenants: set[str] = set()
-        preservation: dict[str, SelfPreservationStarted | None] = {}
-        for r in todo:
-            e = r.event
-            kind = type(e)
-            if isinstance(e, HeartbeatReceived):  # the bulk, first
-                touched[(e.tenant, e.service_name, e.instance_id)] = None
-            elif kind in _INSTANCE_TYPES:
-                k = key_of(e)  # type: ignore[arg-type]
-                touched[k] = None
-                not_only_heartbeats.add(k)
-                if kind in _MEMBERSHIP_TYPES:
-                    # Only these events can make an instance enter or leave the live
-                    # view, so only their services' sizes are read and set written.
-                    services[k[:2]] = None
-                if kind is ServiceRegistered:
-                    tenants.add(e.tenant)
-            elif isinstance(e, InputRejected):
-                stats[(e.tenant, "rejected")] += 1
-                stats[(e.tenant, f"rejected:{e.reason_code}")] += 1
-            elif isinstance(e, SelfPreservationStarted):
-                preservation[e.tenant] = e
-            elif isinstance(e, SelfPreservationEnded):
-                preservation[e.tenant] = None
-        keys = list(touched)
-        state = RegistryState()
         before: dict[InstanceKey, dict[str, str]] = {}
+        known: dict[InstanceKey, Instance] = {}
         cached = self._cache.entries
-        for k in keys:
+        for k in plan.instances:
             if (hit := cached.get(k)) is not None:
-                state.instances[k], before[k] = hit
-        unknown = [k for k in keys if k not in before]
+                known[k], before[k] = hit
+        unknown = [k for k in plan.instances if k not in before]
+        # Only membership events can make an instance enter or leave the live view, so
+        # only their services' sizes are read and set written.
+        services = plan.membership
         found: list[Any] = []
         if unknown or services:
             async with self._r.pipeline(transaction=False) as read:
@@ -419,31 +373,29 @@ class RedisRegistryProjection:
         for k, h in zip(unknown, found[: len(unknown)], strict=True):
             if h:
                 before[k] = h
-                state.instances[k] = instance_from_redis(k[0], h)
+                known[k] = instance_from_redis(k[0], h)
         sizes = {ts: int(n) for ts, n in zip(services, found[len(unknown) :], strict=True)}
         # What the touched instances count in before the batch (the counts by status).
         counts: dict[tuple[str, str], Counter[str]] = {}
         for k, h in before.items():
-            c = counts.setdefault(k[:2], Counter())
+            if (c := counts.get(k[:2])) is None:  # not setdefault: a Counter per instance
+                c = counts[k[:2]] = Counter()
             for f in counted(h["status"], h["flapping"] == "1"):
                 c[f] -= 1
-        for r in todo:
-            evolve(state, r.event)
         writes: list[Write] = []
         written: dict[InstanceKey, tuple[Instance, dict[str, str]] | None] = {}
         entered: dict[tuple[str, str], list[str]] = {}
         left: dict[tuple[str, str], list[str]] = {}
-        for k in keys:
-            inst = state.instances.get(k)
+        for k, inst, heartbeats_only in fold_instances(plan, known, exact=cached):
             live = inst is not None and inst.live
             if inst is not None and live:
-                c = counts.setdefault(k[:2], Counter())
+                if (c := counts.get(k[:2])) is None:
+                    c = counts[k[:2]] = Counter()
                 for f in counted(inst.status, inst.flapping):
                     c[f] += 1
             if live != (k in before):
                 (entered if live else left).setdefault(k[:2], []).append(k[2])
-            if (inst is not None and live and k in cached
-                    and k not in not_only_heartbeats):  # fmt: skip
+            if inst is not None and live and heartbeats_only:
                 # Only heartbeats, on an instance as this view last wrote it: only the
                 # heartbeat fields can differ (the model test holds this to the fold).
                 hb = redis_heartbeat_fields(inst)
@@ -475,20 +427,23 @@ class RedisRegistryProjection:
             for f, n in sorted(c.items()):
                 if n:
                     writes.append(cmd("count", counts_key(t, s), f, n))
-        if tenants:
-            writes.append(cmd("sadd", TENANTS_KEY, *sorted(tenants)))
+        if plan.registered:
+            writes.append(cmd("sadd", TENANTS_KEY, *sorted(plan.registered)))
+        stats: Counter[tuple[str, str]] = Counter()
+        for e in plan.rejections:
+            stats[(e.tenant, "rejected")] += 1
+            stats[(e.tenant, f"rejected:{e.reason_code}")] += 1
         for (t, field), n in sorted(stats.items()):
             writes.append(cmd("hincrby", stats_key(t), field, n))
-        for t, started in sorted(preservation.items()):
+        for t, started in sorted(plan.preservation.items()):
             writes.append(cmd("delete", preservation_key(t)))
             if started is not None:
                 mapping = redis_preservation_hash(started.ts, started.until)
                 writes.append(cmd("hset", preservation_key(t), mapping=mapping))
         return writes, written
 
-    async def _plan_infra(self, todo: Sequence[LogRecord]) -> list[Write]:
+    async def _plan_infra(self, events: Sequence[Event]) -> list[Write]:
         """Fold the batch's infrastructure events over the components they touch."""
-        events = [e for r in todo if type(e := r.event) in _INFRA_TYPES]
         if not events:
             return []
         names: set[str] = await self._r.smembers(INFRA_COMPONENTS_KEY)  # type: ignore[assignment]
