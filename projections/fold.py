@@ -10,7 +10,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.model import HEALTH_EVENTS, Event, InfraChecked, InfraStatusChanged, InputRejected
+from events.model import (
+    HEALTH_EVENTS,
+    Event,
+    HeartbeatReceived,
+    InfraChecked,
+    InfraStatusChanged,
+    InputRejected,
+)
 from events.names import INFRA_TENANT
 from handlers.ledger import SeqLedger
 from handlers.registry import RegistryState, evolve
@@ -41,6 +48,8 @@ class ViewState:
 
     def apply(self, event: Event) -> None:
         evolve(self.registry, event)
+        if type(event) is HeartbeatReceived:  # the bulk of a log: nothing more to keep
+            return
         if isinstance(event, InputRejected):
             self.rejections[event.event_id] = event
         elif isinstance(event, HEALTH_EVENTS):
