@@ -64,6 +64,7 @@ from hub.bootstrap import redis_client
 from hub.config import HubConfig
 from hub.logs import configure
 from hub.stack import EmbeddedStack
+from projections.keys import instance_keys
 
 WINDOW = 2000
 SERVICES = 20
@@ -444,7 +445,7 @@ async def registration_storm(
     # Raw: every instance hash of the tenant from Redis.
     r = redis_client(config)  # the hub's view store, as the hub's processes reach it
     t0 = time.monotonic()
-    keys = [k async for k in r.scan_iter(match="hub:storm:inst:*", count=5000)]
+    keys = [k async for k in r.scan_iter(match=instance_keys("storm"), count=5000)]
     for i in range(0, len(keys), 1000):
         async with r.pipeline(transaction=False) as pipe:
             for k in keys[i : i + 1000]:

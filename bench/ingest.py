@@ -63,7 +63,7 @@ from hub.config import HubConfig
 from hub.ingest import ingress_consumer_config, ingress_stream_config
 from hub.logs import configure
 from hub.stack import EmbeddedStack
-from projections.redis import instance_key, service_key
+from projections.keys import instance_key, service_key
 
 TARGET = 0.50  # the hub must reach this fraction of the raw consume rate
 TENANT = "default"

@@ -57,7 +57,8 @@ from hub.config import HubConfig
 from hub.eventlog.kafka import log_reader
 from hub.replay import Connections, fold_log, replay
 from hub.stack import KafkaServer, PostgresServer, RedisServer
-from projections.render import ViewState
+from projections import keys
+from projections.fold import ViewState
 
 TARGET = 0.50  # replay must reach this fraction of the raw aiokafka read rate
 PARTITIONS = 6
@@ -335,11 +336,11 @@ async def view_counts(config: HubConfig) -> dict[str, int]:
     try:
         inst_keys = 0
         svc_keys = []
-        async for key in r.scan_iter(match="hub:*", count=10_000):
-            kind = key.split(":")[2] if key.count(":") >= 3 else ""
-            if kind == "inst":
+        async for key in r.scan_iter(match=keys.every_key(), count=10_000):
+            kind = keys.kind_of(key)
+            if kind == keys.INSTANCE:
                 inst_keys += 1
-            elif kind == "svc":
+            elif kind == keys.SERVICE:
                 svc_keys.append(key)
         async with r.pipeline(transaction=False) as pipe:
             for key in svc_keys:

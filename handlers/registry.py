@@ -125,7 +125,9 @@ class Instance:
     checks: dict[str, Any] = field(default_factory=dict)
     reported_changed_at: float = 0.0
     changes: list[float] = field(default_factory=list)
-    order: int = 0  # when its key was first registered: the registry's (and timer's) order
+    # When its key was first registered: the registry's (and the timer's) order; not
+    # part of what the instance is (a partial fold numbers them differently).
+    order: int = field(default=0, compare=False)
 
     @property
     def live(self) -> bool:

@@ -55,8 +55,8 @@ from events.wire import (
 from hub.config import HubConfig
 from hub.metrics import Metrics
 from hub.progress import Progress
+from projections.keys import index_member, split_member
 from projections.port import REBUILDING
-from projections.redis import index_member
 from projections.redis_read import (
     count_instances,
     health_of,
@@ -74,7 +74,6 @@ from projections.redis_read import (
     read_view_state,
     service_health,
     service_rank,
-    split_member,
 )
 
 log = structlog.get_logger(__name__)

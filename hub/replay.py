@@ -36,18 +36,9 @@ from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused
 from hub.natsconn import HubClient
-from projections.postgres import PostgresRegistryProjection
-from projections.redis import RedisRegistryProjection
-from projections.render import (
-    ViewState,
-    canonical_redis,
-    checksum,
-    differences,
-    expected_pg,
-    expected_redis,
-    volatile_of,
-    without_volatile,
-)
+from projections.canonical import checksum, differences
+from projections.fold import ViewState
+from projections.port import Projection
 
 VIEWS = ("postgres", "redis")
 
@@ -105,7 +96,7 @@ async def fold_log(
     earlier one (before ``until``) may have been superseded and removed
     (``events.model.superseded_subject``): instances with a heartbeat (row ids
     ``tenant/service/instance``) and infrastructure components with a check result
-    (``_infra/<name>``), as ``projections.render.volatile_of`` names them.
+    (``_infra/<name>``), as the views' ``Rendering.volatile_of`` names them.
     ``ends`` gets the positions after every record read, ``until`` or not.
     """
     view = ViewState()
@@ -140,9 +131,7 @@ class Connections:
     pool: asyncpg.Pool
     redis: aioredis.Redis
     nc: HubClient | None = None
-    views: dict[str, PostgresRegistryProjection | RedisRegistryProjection] = field(
-        default_factory=dict
-    )
+    views: dict[str, Projection] = field(default_factory=dict)
 
     @classmethod
     async def open(cls, config: HubConfig) -> Connections:
@@ -155,7 +144,7 @@ class Connections:
         r = bootstrap.redis_client(config)
         pg_view = bootstrap.postgres_projection(config, pool)
         await pg_view.setup()
-        views: dict[str, PostgresRegistryProjection | RedisRegistryProjection] = {
+        views: dict[str, Projection] = {
             "postgres": pg_view, "redis": bootstrap.redis_projection(config, r),
         }  # fmt: skip
         return cls(config, event_log, pool, r, nc, views)
@@ -205,18 +194,17 @@ async def verify(conn: Connections, views: tuple[str, ...] = VIEWS) -> list[View
     """Compare each view with the fold of the log up to that view's checkpoint."""
     reports = []
     for name in views:
-        checkpoint, actual = await conn.views[name].snapshot()
+        projection = conn.views[name]
+        checkpoint, actual = await projection.snapshot()
         moved: set[str] = set()
         ends: Positions = {}
         view, _ = await fold_log(conn.event_log, until=checkpoint, moved=moved, ends=ends)
-        if name == "postgres":
-            expected = expected_pg(view)
-        else:
-            expected = {k: canonical_redis(k, v) for k, v in expected_redis(view).items()}
+        rendering = projection.rendering
+        expected = rendering.expected(view)
         moving = [
             key for key in set(expected) & set(actual)
-            if expected[key] != actual[key] and volatile_of(key) in moved
-            and without_volatile(expected[key]) == without_volatile(actual[key])
+            if expected[key] != actual[key] and rendering.volatile_of(key) in moved
+            and rendering.without_volatile(expected[key]) == rendering.without_volatile(actual[key])
         ]  # fmt: skip
         exempt = {k: actual[k] for k in moving}
         problems = differences({**expected, **exempt}, actual)

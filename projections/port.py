@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from events.log import LogRecord, Positions
-from projections.render import ViewState
+from projections.canonical import Rendering
+from projections.fold import ViewState
 
 # What a view's readers are told of it (the Redis view's ``hub:_meta:view:<projection>``):
 # READY, the view holds the fold of the log up to its checkpoint (an empty log: no
@@ -25,9 +26,18 @@ class Projection(Protocol):
     longer at or past what this projection last applied or attached to (the view was
     emptied, restored from an older copy, or replaced by ``hub replay``), it raises
     ``ViewLost`` and writes nothing.
+
+    ``snapshot`` and ``rendering`` are what ``hub verify`` compares: a view holds the
+    fold of the records its checkpoint covers when its snapshot's lines equal
+    ``rendering.expected`` of that fold.
     """
 
     name: str
+
+    @property
+    def rendering(self) -> Rendering:
+        """How the fold looks in this view, as the canonical lines ``snapshot`` reads."""
+        ...
 
     async def setup(self) -> None:
         """Create or migrate what the view needs (idempotent)."""
@@ -69,6 +79,11 @@ class Projection(Protocol):
     async def rebuild(self, view: ViewState, positions: Positions) -> None:
         """Replace the whole view with the fold ``view`` of the log up to ``positions``
         (written aside, checked, swapped in atomically with that checkpoint); READY."""
+
+    async def snapshot(self) -> tuple[Positions, dict[str, str]]:
+        """The checkpoint and the whole view as canonical lines (``rendering``), read as
+        of one moment (both from the same state of the view)."""
+        ...
 
 
 class ViewMismatch(RuntimeError):

@@ -2,12 +2,12 @@
 ``health_history``) and of the infrastructure (``infra_status``, ``infra_history``,
 ``infra_config``; plus the ``infra_checks`` journal).
 
-A batch is applied by folding its events over the rows they touch (from the
-projection's cache of what it last wrote, else read in one query) with the same
-pure ``evolve`` as the hub, then writing each changed row once (multi-row upsert;
-rows that only got heartbeats: one multi-row UPDATE of the heartbeat columns) —
-many heartbeats of one instance become one write, and the result is by
-construction what applying the events one by one gives.
+A batch is planned (``projections.batch``, as the Redis view does): folded over the
+rows it touches (from the projection's cache of what it last wrote, else read in one
+query) with the same pure ``evolve`` as the hub, then each changed row written once
+(multi-row upsert; rows that only got heartbeats: one multi-row UPDATE of the
+heartbeat columns) — many heartbeats of one instance become one write, and the
+result is by construction what applying the events one by one gives.
 Rows and the checkpoint are written in one transaction; records the checkpoint
 already covers are skipped. A checkpoint found missing or behind what this projection
 applied (the tables were emptied, or restored from an older copy) means the view was
@@ -19,46 +19,29 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any, get_args
+from typing import Any
 
 import asyncpg
 
 from events.log import LogRecord, Positions, advance, unseen
-from events.model import (
-    HEALTH_EVENTS,
-    INFRA_EVENTS,
-    Event,
-    HeartbeatReceived,
-    InfraChecked,
-    InfraConfigLoaded,
-    InfraStatusChanged,
-    InputRejected,
-)
+from events.model import Event, InfraChecked, InfraConfigLoaded, InfraStatusChanged
 from handlers.infra import InfraState, fold_infra
-from handlers.registry import (
-    GONE,
-    Instance,
-    InstanceEvent,
-    InstanceKey,
-    RegistryState,
-    evolve,
-    key_of,
-)
+from handlers.registry import GONE, Instance, InstanceKey
+from projections.batch import BatchPlan, fold_instances, plan_batch
 from projections.cache import InstanceCache
+from projections.canonical import HEARTBEAT_FIELDS, differences, from_json
+from projections.fold import ViewState
 from projections.port import ViewLost, ViewMismatch, behind
-from projections.render import (
+from projections.postgres_render import (
     HISTORY_COLUMNS,
     INFRA_COLUMNS,
     INFRA_CONFIG_COLUMNS,
     INFRA_HISTORY_COLUMNS,
-    PG_HEARTBEAT_COLUMNS,
+    POSTGRES_RENDERING,
     REGISTRY_COLUMNS,
     REJECTION_COLUMNS,
-    ViewState,
     canonical_pg,
-    differences,
     expected_pg,
-    from_json,
     infra_from_pg,
     instance_from_pg,
     pg_heartbeat_row,
@@ -101,14 +84,14 @@ _HEARTBEATS = (
     "UPDATE service_registry AS r SET "
     + ", ".join(
         f"{c} = u.{c}::jsonb" if _TYPES.get(c) == "jsonb" else f"{c} = u.{c}"
-        for c in PG_HEARTBEAT_COLUMNS
+        for c in HEARTBEAT_FIELDS
     )
     + " FROM unnest($1::text[], "
     + ", ".join(
         f"${i + 2}::{'text' if _TYPES.get(c) == 'jsonb' else _TYPES.get(c, 'text')}[]"
-        for i, c in enumerate(PG_HEARTBEAT_COLUMNS)
+        for i, c in enumerate(HEARTBEAT_FIELDS)
     )
-    + f") AS u(id, {', '.join(PG_HEARTBEAT_COLUMNS)}) WHERE r.id = u.id"
+    + f") AS u(id, {', '.join(HEARTBEAT_FIELDS)}) WHERE r.id = u.id"
 )
 _REJECTED = (
     f"INSERT INTO input_rejections ({', '.join(REJECTION_COLUMNS)}) "
@@ -160,13 +143,10 @@ _REBUILD_LOCK_ID = 0x48554252  # "HUBR": one rebuild at a time across processes
 JOURNAL = "infra_checks"
 
 
-_INFRA_TYPES = frozenset(INFRA_EVENTS)
-_INSTANCE_TYPES = frozenset(get_args(InstanceEvent))
-_HEALTH_TYPES = frozenset(HEALTH_EVENTS)
-
-
 class PostgresRegistryProjection:
     """The registry view in PostgreSQL."""
+
+    rendering = POSTGRES_RENDERING
 
     def __init__(
         self, pool: asyncpg.Pool, *, name: str = "postgres-registry",
@@ -252,8 +232,9 @@ class PostgresRegistryProjection:
                 return checkpoint
             self._cache.valid_at(checkpoint)
             try:
-                written = await self._write(conn, todo)
-                await self._write_infra(conn, todo)
+                plan = plan_batch(todo)
+                written = await self._write(conn, plan)
+                await self._write_infra(conn, plan.infra)
                 new = advance(checkpoint, todo)
                 await conn.executemany(
                     _CHECKPOINT,
@@ -268,35 +249,18 @@ class PostgresRegistryProjection:
         return new
 
     async def _write(
-        self, conn: asyncpg.Connection, todo: Sequence[LogRecord]
+        self, conn: asyncpg.Connection, plan: BatchPlan
     ) -> dict[InstanceKey, Instance | None]:
         """Fold the batch over the rows it touches and write them; returns each touched
         instance as written (None: not in the table)."""
-        touched: dict[InstanceKey, None] = {}  # in log order
-        not_only_heartbeats: set[InstanceKey] = set()
-        rejections: list[InputRejected] = []
-        history: list[Event] = []
-        for r in todo:
-            e = r.event
-            if isinstance(e, HeartbeatReceived):  # the bulk, first
-                touched[(e.tenant, e.service_name, e.instance_id)] = None
-                continue
-            if type(e) in _INSTANCE_TYPES:
-                k = key_of(e)  # type: ignore[arg-type]
-                touched[k] = None
-                not_only_heartbeats.add(k)
-            if isinstance(e, InputRejected):
-                rejections.append(e)
-            elif type(e) in _HEALTH_TYPES:
-                history.append(e)
         written: dict[InstanceKey, Instance | None] = {}
-        if touched:
-            state = RegistryState()
+        if plan.instances:
+            known: dict[InstanceKey, Instance] = {}
             cached = self._cache.entries
-            for k in touched:
+            for k in plan.instances:
                 if (inst := cached.get(k)) is not None:
-                    state.instances[k] = inst
-            unknown = [row_id(*k) for k in touched if k not in state.instances]
+                    known[k] = inst
+            unknown = [row_id(*k) for k in plan.instances if k not in known]
             if unknown:
                 rows = await conn.fetch(
                     "SELECT * FROM service_registry WHERE id = ANY($1::text[]) FOR UPDATE",
@@ -304,19 +268,14 @@ class PostgresRegistryProjection:
                 )
                 for row in rows:
                     inst = instance_from_pg(row)
-                    state.instances[(inst.tenant, inst.service_name, inst.instance_id)] = inst
-            for r in todo:
-                evolve(state, r.event)
+                    known[(inst.tenant, inst.service_name, inst.instance_id)] = inst
             changed, beats = [], []
-            for k in touched:
-                inst = state.instances.get(k)
+            for k, inst, heartbeats_only in fold_instances(plan, known, exact=cached):
                 if inst is None or cached.get(k) is not inst:
                     written[k] = inst
                 if inst is None:
                     continue
-                if k in cached and k not in not_only_heartbeats:
-                    # Only heartbeats, on a row as this view last wrote it: only the
-                    # heartbeat columns can differ (the model test holds this to the fold).
+                if heartbeats_only:
                     beats.append(pg_heartbeat_row(inst))
                 else:
                     changed.append(pg_registry_row(inst))
@@ -324,15 +283,14 @@ class PostgresRegistryProjection:
                 await conn.execute(_UPSERT, *map(list, zip(*changed, strict=True)))
             if beats:
                 await conn.execute(_HEARTBEATS, *map(list, zip(*beats, strict=True)))
-        if rejections:
-            await conn.executemany(_REJECTED, [pg_rejection_row(e) for e in rejections])
-        if history:
-            await conn.executemany(_HISTORY, [pg_history_row(e) for e in history])
+        if plan.rejections:
+            await conn.executemany(_REJECTED, [pg_rejection_row(e) for e in plan.rejections])
+        if plan.health:
+            await conn.executemany(_HISTORY, [pg_history_row(e) for e in plan.health])
         return written
 
-    async def _write_infra(self, conn: asyncpg.Connection, todo: Sequence[LogRecord]) -> None:
+    async def _write_infra(self, conn: asyncpg.Connection, events: Sequence[Event]) -> None:
         """Fold the batch's infrastructure events over the components they touch."""
-        events = [e for r in todo if type(e := r.event) in _INFRA_TYPES]
         if not events:
             return
         rows = await conn.fetch(f"SELECT {', '.join(INFRA_COLUMNS)} FROM infra_status FOR UPDATE")

@@ -1,32 +1,12 @@
 """Redis-protocol projection of the live registry (DragonflyDB, Valkey, Redis).
 
-Keys (``<t>`` = tenant):
+Its keys are those of ``projections.keys``.
 
-* ``hub:<t>:services``                  SET of services with live instances
-* ``hub:<t>:svc:<service>``             SET of the service's live instance ids
-* ``hub:<t>:inst:<service>:<instance>`` HASH of one live instance; its ``doc`` field
-                                        holds the fields that change only on
-                                        registration, rendered as answers show them
-* ``hub:<t>:index``                     ZSET of the live instances, every score 0, member
-                                        ``<service> <instance>``: pages in (service,
-                                        instance) order by ZRANGEBYLEX; ZCARD counts them
-* ``hub:<t>:counts:<service>``          HASH of the service's live instances by
-                                        ``status:<status>``, ``flapping`` and ``trusted``
-                                        (healthy, not flapping); non-zero counts only
-* ``hub:<t>:stats``                     HASH of counters (``rejected``, ``rejected:<code>``)
-* ``hub:<t>:preservation``              HASH since/until, while the tenant self-preserves
-* ``hub:_meta:tenants``                 SET of tenants that ever registered an instance
-* ``hub:_infra:components``             SET of monitored infrastructure components
-* ``hub:_infra:component:<name>``       HASH status, last check and configuration
-* ``hub:_infra:config``                 HASH configuration digest, service_dependencies
-* ``hub:_meta:checkpoint:<projection>`` HASH partition -> next position
-* ``hub:_meta:view:<projection>``       HASH ``state`` (``ready`` | ``rebuilding``),
-                                        ``since``, ``reason``: what queries are told
-
-A batch is folded over the instances it touches (from the projection's cache of
-what it last wrote, else read in one pipeline) with the same pure ``evolve`` as
-the hub; each touched key is then written once, only the fields that changed
-(the index and the counts by what entered, left or changed status).
+A batch is planned (``projections.batch``, as the PostgreSQL view does): folded over
+the instances it touches (from the projection's cache of what it last wrote, else
+read in one pipeline) with the same pure ``evolve`` as the hub; each touched key is
+then written once, only the fields that changed (the index and the counts by what
+entered, left or changed status).
 Effects and checkpoint go in one Lua script (APPLY_BATCH) that first checks the
 checkpoint is still the one the batch was planned on, so a second writer of the
 same projection makes this one plan again, never double-apply; a checkpoint found
@@ -41,124 +21,67 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
 from events.log import LogRecord, Positions, advance, unseen
-from events.model import (
-    INFRA_EVENTS,
-    HeartbeatReceived,
-    InfraConfigLoaded,
-    InputRejected,
-    InstanceExpired,
-    SelfPreservationEnded,
-    SelfPreservationStarted,
-    ServiceDeregistered,
-    ServiceRegistered,
-)
-from events.names import INFRA_TENANT
+from events.model import Event, InfraConfigLoaded
 from handlers.infra import InfraState, fold_infra
-from handlers.registry import (
-    Instance,
-    InstanceEvent,
-    InstanceKey,
-    RegistryState,
-    evolve,
-    key_of,
-)
+from handlers.registry import Instance, InstanceKey
+from projections.batch import BatchPlan, fold_instances, plan_batch
 from projections.cache import InstanceCache
+from projections.canonical import differences, from_json, to_json
+from projections.fold import ViewState
+from projections.keys import (
+    INFRA_COMPONENTS_KEY,
+    INFRA_CONFIG_KEY,
+    PREFIX,
+    REBUILD_LOCK_KEY,
+    SHADOW_PREFIX,
+    TENANTS_KEY,
+    checkpoint_key,
+    component_key,
+    counts_key,
+    every_key,
+    index_key,
+    index_member,
+    instance_key,
+    instance_keys,
+    is_bookkeeping,
+    moved_to,
+    preservation_key,
+    service_key,
+    services_key,
+    stats_key,
+    tenant_of,
+    value_type,
+    view_key,
+)
 from projections.port import READY, ViewLost, ViewMismatch, behind
-from projections.render import (
-    HEARTBEAT_COLUMNS,
-    INDEX_SEP,
+from projections.redis_render import (
+    HEARTBEAT_FIELD_SET,
+    REDIS_RENDERING,
     RedisValue,
-    ViewState,
     canonical_redis,
     counted,
-    differences,
     expected_redis,
-    from_json,
-    index_member,
     infra_from_redis,
     instance_from_redis,
     redis_heartbeat_fields,
     redis_infra_hash,
     redis_instance_hash,
     redis_preservation_hash,
-    to_json,
 )
 
-TENANTS_KEY = "hub:_meta:tenants"
-SHADOW = "hubreplay"
 # One rebuild at a time (``hub replay`` and a projector healing its view share the
-# shadow keyspace): held while it runs, expiring in case its holder dies.
-REBUILD_LOCK_KEY = "hubreplay-lock"
+# shadow keyspace): REBUILD_LOCK_KEY held while it runs, expiring in case its holder dies.
 REBUILD_LOCK_MS = 10 * 60 * 1000
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
-__all__ = ["INDEX_SEP", "index_member"]
-
-
-def services_key(tenant: str) -> str:
-    return f"hub:{tenant}:services"
-
-
-def service_key(tenant: str, service: str) -> str:
-    return f"hub:{tenant}:svc:{service}"
-
-
-def instance_key(tenant: str, service: str, instance: str) -> str:
-    return f"hub:{tenant}:inst:{service}:{instance}"
-
-
-def index_key(tenant: str) -> str:
-    return f"hub:{tenant}:index"
-
-
-def counts_key(tenant: str, service: str) -> str:
-    return f"hub:{tenant}:counts:{service}"
-
-
-def stats_key(tenant: str) -> str:
-    return f"hub:{tenant}:stats"
-
-
-def preservation_key(tenant: str) -> str:
-    return f"hub:{tenant}:preservation"
-
-
-INFRA_COMPONENTS_KEY = f"hub:{INFRA_TENANT}:components"
-INFRA_CONFIG_KEY = f"hub:{INFRA_TENANT}:config"
-
-
-def component_key(name: str) -> str:
-    return f"hub:{INFRA_TENANT}:component:{name}"
-
-
-def checkpoint_key(projection: str) -> str:
-    return f"hub:_meta:checkpoint:{projection}"
-
-
-def view_key(projection: str) -> str:
-    """The view's state for its readers (not part of the view: like the checkpoint)."""
-    return f"hub:_meta:view:{projection}"
-
-
-_NOT_THE_VIEW = ("_meta:checkpoint:", "_meta:view:")
-
-# The type of each key of the view, by its third segment (``hub:<t>:<kind>...``).
-_HASHES = frozenset({"inst", "counts", "stats", "preservation", "component", "config"})
-_ZSETS = frozenset({"index"})
-
-
-def _kind(key: str) -> str:
-    parts = key.split(":", 3)
-    kind = parts[2] if len(parts) > 2 else ""
-    return "hash" if kind in _HASHES else "zset" if kind in _ZSETS else "set"
 
 
 # One write of a batch: (command, key, arguments).
@@ -264,9 +187,6 @@ def _indexed(
     return keys, out
 
 
-MEMBERSHIP_EVENTS = (ServiceRegistered, ServiceDeregistered, InstanceExpired)
-
-
 def _hash_diff(
     key: str, before: dict[str, str], after: dict[str, str] | None,
     *, only: frozenset[str] | None = None,
@@ -296,9 +216,6 @@ def _value_writes(key: str, value: RedisValue) -> Write:
     return cmd("sadd", key, *sorted(value))
 
 
-_INFRA_TYPES = frozenset(INFRA_EVENTS)
-_INSTANCE_TYPES = frozenset(get_args(InstanceEvent))
-_MEMBERSHIP_TYPES = frozenset(MEMBERSHIP_EVENTS)
 # hub verify: consistent reads without blocking the server first, then atomic ones.
 _OPTIMISTIC_SNAPSHOTS = 3
 _ATOMIC_SNAPSHOTS = 10
@@ -306,6 +223,8 @@ _ATOMIC_SNAPSHOTS = 10
 
 class RedisRegistryProjection:
     """The live registry view in a Redis-protocol server (client with decode_responses)."""
+
+    rendering = REDIS_RENDERING
 
     def __init__(
         self, client: aioredis.Redis, *, name: str = "redis-registry", cache: int = 50_000
@@ -333,7 +252,7 @@ class RedisRegistryProjection:
             return
         at = await self.checkpoint()
         names: list[str] = []
-        async for k in self._r.scan_iter(match="hub:*:inst:*", count=1000):
+        async for k in self._r.scan_iter(match=instance_keys(), count=1000):
             names.append(k)
             if len(names) >= limit:
                 break
@@ -345,7 +264,7 @@ class RedisRegistryProjection:
                 found = await read.execute()
             for k, h in zip(names[i : i + 1000], found, strict=True):
                 if h:
-                    inst = instance_from_redis(k.split(":", 2)[1], h)
+                    inst = instance_from_redis(tenant_of(k), h)
                     entries[(inst.tenant, inst.service_name, inst.instance_id)] = (inst, h)
         if await self.checkpoint() == at:
             self._cache.load(entries, at)
@@ -412,8 +331,9 @@ class RedisRegistryProjection:
                 return checkpoint
             self._cache.valid_at(checkpoint)
             try:
-                writes, written = await self._plan(todo)
-                writes += await self._plan_infra(todo)
+                plan = plan_batch(todo)
+                writes, written = await self._plan(plan)
+                writes += await self._plan_infra(plan.infra)
                 new = advance(checkpoint, todo)
                 keys, batch = batch_arguments(ckey, checkpoint, new, writes)
                 done = await self._apply_batch(keys=keys, args=[batch])
@@ -428,46 +348,20 @@ class RedisRegistryProjection:
             checkpoint = None
 
     async def _plan(
-        self, todo: Sequence[LogRecord]
+        self, plan: BatchPlan
     ) -> tuple[list[Write], dict[InstanceKey, tuple[Instance, dict[str, str]] | None]]:
         """Fold the batch over the keys it touches; the commands that write the result,
         and each touched instance as written (None: not in the live view)."""
-        touched: dict[InstanceKey, None] = {}  # in log order
-        not_only_heartbeats: set[InstanceKey] = set()
-        services: dict[tuple[str, str], None] = {}
-        stats: Counter[tuple[str, str]] = Counter()
-        tenants: set[str] = set()
-        preservation: dict[str, SelfPreservationStarted | None] = {}
-        for r in todo:
-            e = r.event
-            kind = type(e)
-            if isinstance(e, HeartbeatReceived):  # the bulk, first
-                touched[(e.tenant, e.service_name, e.instance_id)] = None
-            elif kind in _INSTANCE_TYPES:
-                k = key_of(e)  # type: ignore[arg-type]
-                touched[k] = None
-                not_only_heartbeats.add(k)
-                if kind in _MEMBERSHIP_TYPES:
-                    # Only these events can make an instance enter or leave the live
-                    # view, so only their services' sizes are read and set written.
-                    services[k[:2]] = None
-                if kind is ServiceRegistered:
-                    tenants.add(e.tenant)
-            elif isinstance(e, InputRejected):
-                stats[(e.tenant, "rejected")] += 1
-                stats[(e.tenant, f"rejected:{e.reason_code}")] += 1
-            elif isinstance(e, SelfPreservationStarted):
-                preservation[e.tenant] = e
-            elif isinstance(e, SelfPreservationEnded):
-                preservation[e.tenant] = None
-        keys = list(touched)
-        state = RegistryState()
         before: dict[InstanceKey, dict[str, str]] = {}
+        known: dict[InstanceKey, Instance] = {}
         cached = self._cache.entries
-        for k in keys:
+        for k in plan.instances:
             if (hit := cached.get(k)) is not None:
-                state.instances[k], before[k] = hit
-        unknown = [k for k in keys if k not in before]
+                known[k], before[k] = hit
+        unknown = [k for k in plan.instances if k not in before]
+        # Only membership events can make an instance enter or leave the live view, so
+        # only their services' sizes are read and set written.
+        services = plan.membership
         found: list[Any] = []
         if unknown or services:
             async with self._r.pipeline(transaction=False) as read:
@@ -479,36 +373,34 @@ class RedisRegistryProjection:
         for k, h in zip(unknown, found[: len(unknown)], strict=True):
             if h:
                 before[k] = h
-                state.instances[k] = instance_from_redis(k[0], h)
+                known[k] = instance_from_redis(k[0], h)
         sizes = {ts: int(n) for ts, n in zip(services, found[len(unknown) :], strict=True)}
         # What the touched instances count in before the batch (the counts by status).
         counts: dict[tuple[str, str], Counter[str]] = {}
         for k, h in before.items():
-            c = counts.setdefault(k[:2], Counter())
+            if (c := counts.get(k[:2])) is None:  # not setdefault: a Counter per instance
+                c = counts[k[:2]] = Counter()
             for f in counted(h["status"], h["flapping"] == "1"):
                 c[f] -= 1
-        for r in todo:
-            evolve(state, r.event)
         writes: list[Write] = []
         written: dict[InstanceKey, tuple[Instance, dict[str, str]] | None] = {}
         entered: dict[tuple[str, str], list[str]] = {}
         left: dict[tuple[str, str], list[str]] = {}
-        for k in keys:
-            inst = state.instances.get(k)
+        for k, inst, heartbeats_only in fold_instances(plan, known, exact=cached):
             live = inst is not None and inst.live
             if inst is not None and live:
-                c = counts.setdefault(k[:2], Counter())
+                if (c := counts.get(k[:2])) is None:
+                    c = counts[k[:2]] = Counter()
                 for f in counted(inst.status, inst.flapping):
                     c[f] += 1
             if live != (k in before):
                 (entered if live else left).setdefault(k[:2], []).append(k[2])
-            if (inst is not None and live and k in cached
-                    and k not in not_only_heartbeats):  # fmt: skip
+            if inst is not None and live and heartbeats_only:
                 # Only heartbeats, on an instance as this view last wrote it: only the
                 # heartbeat fields can differ (the model test holds this to the fold).
                 hb = redis_heartbeat_fields(inst)
                 old = before[k]
-                writes.extend(_hash_diff(instance_key(*k), old, hb, only=HEARTBEAT_COLUMNS))
+                writes.extend(_hash_diff(instance_key(*k), old, hb, only=HEARTBEAT_FIELD_SET))
                 old.update(hb)  # the cached entry, updated in place
                 if "load" not in hb:
                     old.pop("load", None)
@@ -535,20 +427,23 @@ class RedisRegistryProjection:
             for f, n in sorted(c.items()):
                 if n:
                     writes.append(cmd("count", counts_key(t, s), f, n))
-        if tenants:
-            writes.append(cmd("sadd", TENANTS_KEY, *sorted(tenants)))
+        if plan.registered:
+            writes.append(cmd("sadd", TENANTS_KEY, *sorted(plan.registered)))
+        stats: Counter[tuple[str, str]] = Counter()
+        for e in plan.rejections:
+            stats[(e.tenant, "rejected")] += 1
+            stats[(e.tenant, f"rejected:{e.reason_code}")] += 1
         for (t, field), n in sorted(stats.items()):
             writes.append(cmd("hincrby", stats_key(t), field, n))
-        for t, started in sorted(preservation.items()):
+        for t, started in sorted(plan.preservation.items()):
             writes.append(cmd("delete", preservation_key(t)))
             if started is not None:
                 mapping = redis_preservation_hash(started.ts, started.until)
                 writes.append(cmd("hset", preservation_key(t), mapping=mapping))
         return writes, written
 
-    async def _plan_infra(self, todo: Sequence[LogRecord]) -> list[Write]:
+    async def _plan_infra(self, events: Sequence[Event]) -> list[Write]:
         """Fold the batch's infrastructure events over the components they touch."""
-        events = [e for r in todo if type(e := r.event) in _INFRA_TYPES]
         if not events:
             return []
         names: set[str] = await self._r.smembers(INFRA_COMPONENTS_KEY)  # type: ignore[assignment]
@@ -585,9 +480,8 @@ class RedisRegistryProjection:
     async def _names(self, prefix: str) -> list[str]:
         """The keys under ``prefix`` that belong to the view (checkpoints and the view's
         state aside)."""
-        skip = tuple(f"{prefix}:{x}" for x in _NOT_THE_VIEW)
-        return [k async for k in self._r.scan_iter(match=f"{prefix}:*", count=1000)
-                if not k.startswith(skip)]  # fmt: skip
+        return [k async for k in self._r.scan_iter(match=every_key(prefix), count=1000)
+                if not is_bookkeeping(k, prefix)]  # fmt: skip
 
     async def _read_values(
         self, names: list[str], *, atomic: bool = False
@@ -595,11 +489,11 @@ class RedisRegistryProjection:
         """The checkpoint and each key's value (``atomic``: all read in one MULTI/EXEC, a
         consistent cut, which holds the server up while it runs).
 
-        The key's name says its type (see ``_kind``), which saves a TYPE round per key; a
+        The key's name says its type (``keys.value_type``), which saves a TYPE round per key; a
         key of the wrong type reads as an error marker, so verification reports it
         instead of failing. A key gone since it was listed is left out.
         """
-        kinds = [_kind(k) for k in names]
+        kinds = [value_type(k) for k in names]
         async with self._r.pipeline(transaction=atomic) as pipe:
             pipe.hgetall(checkpoint_key(self.name))
             for k, kind in zip(names, kinds, strict=True):
@@ -643,13 +537,13 @@ class RedisRegistryProjection:
         values: dict[str, RedisValue] = {}
         for _ in range(_OPTIMISTIC_SNAPSHOTS):
             before = await self.checkpoint()
-            at, values = await self._read_values(await self._names("hub"))
+            at, values = await self._read_values(await self._names(PREFIX))
             if at == before and await self.checkpoint() == before:
                 return at, {k: canonical_redis(k, v) for k, v in values.items()}
         for _ in range(_ATOMIC_SNAPSHOTS):
-            names = await self._names("hub")
+            names = await self._names(PREFIX)
             at, values = await self._read_values(names, atomic=True)
-            if not set(await self._names("hub")) - set(names):
+            if not set(await self._names(PREFIX)) - set(names):
                 break
         return at, {k: canonical_redis(k, v) for k, v in values.items()}
 
@@ -673,30 +567,30 @@ class RedisRegistryProjection:
 
     async def _rebuild(self, view: ViewState, positions: Positions) -> None:
         self._cache.clear()
-        stale = [k async for k in self._r.scan_iter(match=f"{SHADOW}:*", count=1000)]
+        stale = [k async for k in self._r.scan_iter(match=every_key(SHADOW_PREFIX), count=1000)]
         if stale:
             await self._r.delete(*stale)
-        expected = expected_redis(view, prefix=SHADOW)
+        expected = expected_redis(view, prefix=SHADOW_PREFIX)
         writes = [_value_writes(key, value) for key, value in expected.items()]
         for at in range(0, len(writes), 1000):  # one script per 1,000 keys
             keys, out = _indexed([], writes[at : at + 1000])
             await self._write_batch(keys=keys, args=[_encode_batch(out)])
-        written = await self._read_keys(SHADOW)
+        written = await self._read_keys(SHADOW_PREFIX)
         problems = differences(
-            {k: canonical_redis(k, v, SHADOW) for k, v in expected.items()},
-            {k: canonical_redis(k, v, SHADOW) for k, v in written.items()},
+            {k: canonical_redis(k, v, SHADOW_PREFIX) for k, v in expected.items()},
+            {k: canonical_redis(k, v, SHADOW_PREFIX) for k, v in written.items()},
         )
         if problems:
             raise ViewMismatch("\n".join(problems[:20]))
         ckey = checkpoint_key(self.name)
-        live = await self._names("hub")
+        live = await self._names(PREFIX)
         async with self._r.pipeline(transaction=True) as pipe:
-            renamed = {"hub" + k[len(SHADOW) :] for k in expected}
+            renamed = {moved_to(k, SHADOW_PREFIX) for k in expected}
             gone = [k for k in live if k not in renamed]
             if gone:
                 pipe.delete(*gone)
             for k in expected:
-                pipe.rename(k, "hub" + k[len(SHADOW) :])
+                pipe.rename(k, moved_to(k, SHADOW_PREFIX))
             pipe.delete(ckey)
             if positions:
                 pipe.hset(ckey, mapping={str(p): str(n) for p, n in positions.items()})

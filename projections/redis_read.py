@@ -17,24 +17,24 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from events.vocab import Condition, Health
-from projections.port import READY, REBUILDING
-from projections.redis import (
-    INDEX_SEP,
+from projections.keys import (
     INFRA_COMPONENTS_KEY,
     INFRA_CONFIG_KEY,
+    before_service,
     checkpoint_key,
     component_key,
     counts_key,
     index_key,
+    index_member,
     instance_key,
     preservation_key,
+    service_members,
     services_key,
+    split_member,
     view_key,
 )
-from projections.render import instance_doc, iso
-
-# Just above the separator: the end of one service's members in the index.
-_AFTER_SEP = chr(ord(INDEX_SEP) + 1)
+from projections.port import READY, REBUILDING
+from projections.redis_render import instance_doc, iso
 
 # The instance fields a query reads, in this order: the rendered ``doc`` of the
 # fields that change only on registration, then those that change with heartbeats and
@@ -146,12 +146,6 @@ async def read_view_state(r: aioredis.Redis, projection: str) -> tuple[str, str]
     return "missing", "the view holds nothing (lost, or not built yet): the hub rebuilds it"
 
 
-def split_member(member: str) -> tuple[str, str]:
-    """(service, instance) of an index member."""
-    service, _, instance = member.partition(INDEX_SEP)
-    return service, instance
-
-
 async def read_index(
     r: aioredis.Redis, tenant: str, *, after: str | None = None, service: str | None = None,
     count: int,
@@ -161,8 +155,8 @@ async def read_index(
     is ``<service> <instance>`` (``split_member``)."""
     low, high = "-", "+"
     if service is not None:
-        low, high = f"[{service}{INDEX_SEP}", f"({service}{_AFTER_SEP}"
-    if after is not None and (service is None or after >= f"{service}{INDEX_SEP}"):
+        low, high = service_members(service)
+    if after is not None and (service is None or after >= index_member(service, "")):
         low = f"({after}"
     members = await r.zrangebylex(index_key(tenant), low, high, start=0, num=count)
     return [str(m) for m in members]
@@ -172,13 +166,12 @@ async def count_instances(r: aioredis.Redis, tenant: str, service: str | None = 
     """Live instances of the tenant (or of one service), from the index."""
     if service is None:
         return int(await r.zcard(index_key(tenant)))
-    low, high = f"[{service}{INDEX_SEP}", f"({service}{_AFTER_SEP}"
-    return int(await r.zlexcount(index_key(tenant), low, high))
+    return int(await r.zlexcount(index_key(tenant), *service_members(service)))
 
 
 async def service_rank(r: aioredis.Redis, tenant: str, service: str) -> int:
     """The rank in the index of the service's first member (the members before it)."""
-    return int(await r.zlexcount(index_key(tenant), "-", f"({service}{INDEX_SEP}"))
+    return int(await r.zlexcount(index_key(tenant), "-", before_service(service)))
 
 
 async def read_ranks(r: aioredis.Redis, tenant: str, ranges: list[tuple[int, int]]) -> list[str]:

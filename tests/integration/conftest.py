@@ -20,7 +20,16 @@ import nats.errors
 import pytest
 import redis.asyncio as aioredis
 
-from events.model import HeartbeatReceived, InfraChecked, ServiceRegistered
+from events.model import (
+    HeartbeatReceived,
+    InfraChecked,
+    InfraConfigLoaded,
+    InfraStatusChanged,
+    InputRejected,
+    InstanceHealthChanged,
+    ServiceDeregistered,
+    ServiceRegistered,
+)
 from hub.app import Hub
 from hub.config import HubConfig
 
@@ -258,4 +267,50 @@ def infra_checked(component: str, round_: int) -> InfraChecked:
     return InfraChecked(
         event_id=f"check-{component}-{round_}", tenant="_infra", ts=T0 + 1000 + round_,
         component=component, status="HEALTHY", response_time_ms=1.0 + round_,
+    )  # fmt: skip
+
+
+def deregistered(n: int, *, tenant: str = "default") -> ServiceDeregistered:
+    """The deregistration of ``registered(n)``'s instance."""
+    return ServiceDeregistered(
+        event_id=f"dereg-{tenant}-{n}", tenant=tenant, ts=T0 + 2000 + n,
+        service_name=f"svc-{n % 5}", instance_id=f"i-{n}",
+    )  # fmt: skip
+
+
+def health_changed(n: int, status: str, *, previous: str = "healthy") -> InstanceHealthChanged:
+    """Instance ``i-<n>``'s health recorded as changed to ``status``."""
+    return InstanceHealthChanged(
+        event_id=f"health-{n}-{status}", tenant="default", ts=T0 + 1500 + n,
+        service_name=f"svc-{n % 5}", instance_id=f"i-{n}", previous=previous, status=status,
+        reason=f"reported {status}",
+    )  # fmt: skip
+
+
+def rejected(n: int, *, tenant: str = "default") -> InputRejected:
+    """Rejected input number ``n`` (every rejection is kept, by its event id)."""
+    return InputRejected(
+        event_id=f"rejected-{tenant}-{n}", tenant=tenant, ts=T0 + 500 + n, ingress_seq=n,
+        subject="hub.register", reason_code="INVALID_FIELD", reason="port: expected int",
+        excerpt='{"port": "x"}',
+    )  # fmt: skip
+
+
+def infra_loaded(*components: str) -> InfraConfigLoaded:
+    """An infrastructure configuration monitoring ``components`` (critical, port 1)."""
+    return InfraConfigLoaded(
+        event_id=f"infra-config-{'-'.join(components)}", tenant="_infra", ts=T0,
+        source="infrastructure.yaml", digest=f"digest-{'-'.join(components)}",
+        components=[{"name": c, "port": 1, "critical": True} for c in components],
+        service_dependencies={"svc-0": list(components)},
+    )  # fmt: skip
+
+
+def infra_status_changed(
+    component: str, status: str, *, previous: str = "UNKNOWN"
+) -> InfraStatusChanged:
+    """``component`` recorded as changed to ``status``."""
+    return InfraStatusChanged(
+        event_id=f"infra-status-{component}-{status}", tenant="_infra", ts=T0 + 1100,
+        component=component, previous=previous, status=status, reason=f"now {status}",
     )  # fmt: skip

@@ -35,29 +35,22 @@ from events.model import (
     FlappingEnded,
     FlappingStarted,
     HeartbeatReceived,
-    InfraChecked,
-    InfraConfigLoaded,
-    InfraStatusChanged,
     InputRejected,
     InstanceExpired,
     InstanceHealthChanged,
-    SelfPreservationEnded,
-    SelfPreservationStarted,
     ServiceDeregistered,
     ServiceRegistered,
     partition_key,
 )
+from projections.canonical import differences
+from projections.fold import fold_view
 from projections.port import ViewLost
 from projections.postgres import PostgresRegistryProjection
+from projections.postgres_render import expected_pg
 from projections.redis import RedisRegistryProjection
-from projections.render import (
-    canonical_redis,
-    differences,
-    expected_pg,
-    expected_redis,
-    fold_view,
-)
+from projections.redis_render import canonical_redis, expected_redis
 from tests.integration.conftest import eventually
+from tests.strategies import EVENTS, HEARTBEAT
 
 PARTITIONS = 2
 KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
@@ -65,93 +58,6 @@ RESET_PG = (
     "TRUNCATE service_registry, input_rejections, health_history, infra_status,"
     " infra_history, infra_config, infra_checks;"
     " DELETE FROM projection_checkpoints"
-)
-
-# --- events as the wire lets them into the log ---------------------------------------
-# A tiny pool of names, so that events keep colliding on the same instances.
-
-TENANTS = st.sampled_from(["default", "acme"])
-SERVICES = st.sampled_from(["orders", "pay.v2"])
-INSTANCES = st.sampled_from(["i-1", "i-2", "i_3"])
-# Seconds with microsecond resolution, as the ingress stream stamps them.
-TS = st.integers(1_700_000_000_000_000, 1_800_000_000_000_000).map(lambda k: k / 1_000_000)
-TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=12)
-FINITE = st.floats(allow_nan=False, allow_infinity=False)  # 1e16 and -0.0 included
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), FINITE, TEXT)
-METADATA = st.dictionaries(TEXT.filter(bool), SCALARS, max_size=4)
-ENVELOPE = {"event_id": st.just(""), "tenant": TENANTS, "ts": TS}
-
-REGISTERED = st.builds(
-    ServiceRegistered, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
-    host=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9.:%\[\]-]{0,15}\Z"),
-    port=st.integers(1, 65535), protocol=st.from_regex(r"\A[a-z][a-z0-9+.-]{0,15}\Z"),
-    version=st.from_regex(r"\A[A-Za-z0-9._+-]{0,10}\Z"),
-    health_endpoint=st.from_regex(r"\A/[\x21-\x7e]{0,10}\Z"), metadata=METADATA,
-    transport_preferences=st.lists(st.sampled_from(["nats", "kafka", "http", "grpc"]),
-                                   max_size=3),
-    heartbeat_interval_s=st.floats(0, 3600, exclude_min=True),
-    depends_on=st.lists(SERVICES, max_size=2),
-    ttl_s=st.floats(0, 3600), expire_after_s=st.floats(0, 3600),
-)  # fmt: skip
-HEARTBEAT = st.builds(
-    HeartbeatReceived, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
-    status=st.sampled_from(["healthy", "degraded", "unhealthy"]),
-    load=st.none() | st.floats(min_value=0, allow_infinity=False),
-    checks=st.dictionaries(TEXT.filter(bool), SCALARS, max_size=2), last_seen=st.just(0.0) | TS,
-)  # fmt: skip
-DEREGISTERED = st.builds(
-    ServiceDeregistered, **ENVELOPE, service_name=SERVICES, instance_id=INSTANCES,
-    reason=st.sampled_from(["requested", "expired"]),
-)  # fmt: skip
-REJECTED = st.builds(
-    InputRejected, event_id=st.just(""), tenant=TENANTS | st.just("_invalid"), ts=TS,
-    subject=st.sampled_from(["hub.register", "hub.heartbeat", "hub.acme.register"]),
-    reason_code=st.sampled_from(["INVALID_FIELD", "MALFORMED_JSON", "UNKNOWN_TENANT"]),
-    reason=TEXT, excerpt=TEXT,
-)  # fmt: skip
-STATUS = st.sampled_from(["healthy", "degraded", "unhealthy", "critical"])
-INSTANCE = {**ENVELOPE, "service_name": SERVICES, "instance_id": INSTANCES}
-HEALTH = st.one_of(
-    st.builds(InstanceHealthChanged, **INSTANCE, previous=STATUS, status=STATUS, reason=TEXT,
-              last_seen=TS),
-    st.builds(InstanceExpired, **INSTANCE, last_seen=TS, critical_since=TS, reason=TEXT),
-    st.builds(FlappingStarted, **INSTANCE, changes=st.integers(0, 9), window_s=FINITE,
-              status=STATUS),
-    st.builds(FlappingEnded, **INSTANCE, previous=STATUS, status=STATUS,
-              quiet_s=st.floats(0, 1e6)),
-    st.builds(SelfPreservationStarted, **ENVELOPE, critical=st.integers(0, 9),
-              live=st.integers(0, 9), share=st.floats(0, 1), until=TS,
-              at_risk=st.lists(TEXT, max_size=2)),
-    st.builds(SelfPreservationEnded, **ENVELOPE, reason=st.sampled_from(["bound_reached",
-              "recovered"]), critical=st.integers(0, 9), live=st.integers(0, 9)),
-)  # fmt: skip
-COMPONENTS = st.sampled_from(["pg", "kafka", "nats-1"])
-INFRA_ENVELOPE = {**ENVELOPE, "tenant": st.just("_infra")}
-INFRA = st.one_of(
-    st.builds(InfraChecked, **INFRA_ENVELOPE, component=COMPONENTS,
-              status=st.sampled_from(["HEALTHY", "UNHEALTHY"]), response_time_ms=FINITE,
-              error=TEXT, metadata=METADATA, consecutive_failures=st.integers(0, 5)),
-    st.builds(InfraStatusChanged, **INFRA_ENVELOPE, component=COMPONENTS,
-              previous=st.sampled_from(["UNKNOWN", "HEALTHY", "UNHEALTHY"]),
-              status=st.sampled_from(["HEALTHY", "UNHEALTHY"]), reason=TEXT,
-              consecutive_failures=st.integers(0, 5)),
-    st.builds(InfraConfigLoaded, **INFRA_ENVELOPE, source=TEXT, digest=TEXT.filter(bool),
-              components=st.lists(COMPONENTS, unique=True).map(
-                  lambda ns: [{"name": n, "port": 1, "critical": True} for n in ns]),
-              service_dependencies=st.dictionaries(SERVICES, st.lists(COMPONENTS, max_size=2),
-                                                   max_size=2)),
-)  # fmt: skip
-EVENTS = st.one_of(
-    REGISTERED,
-    REGISTERED,
-    HEARTBEAT,
-    HEARTBEAT,
-    DEREGISTERED,
-    REJECTED,
-    HEALTH,
-    HEALTH,
-    INFRA,
-    INFRA,
 )
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from events.model import Event, InfraChecked, InfraConfigLoaded, InfraStatusChanged, compaction_key
 from handlers import LivenessPolicy, RegistryState, react
-from projections.render import canonical_redis, expected_pg, expected_redis, fold_view
+from projections.fold import fold_view
+from projections.postgres_render import expected_pg
+from projections.redis_render import canonical_redis, expected_redis
 
 
 def loaded(*names: str, ts: float = 0.0) -> InfraConfigLoaded:

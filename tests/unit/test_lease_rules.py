@@ -20,7 +20,9 @@ from events.model import (
     compaction_key,
 )
 from handlers import LivenessPolicy, RegistryState, evolve, react, tick
-from projections.render import canonical_redis, expected_pg, expected_redis, fold_view
+from projections.fold import fold_view
+from projections.postgres_render import expected_pg
+from projections.redis_render import canonical_redis, expected_redis
 
 POLICY = LivenessPolicy(expire_after_s=30.0, flap_window_s=60.0, flap_threshold=4,
                         flap_quiet_s=20.0, preservation_share=0.5, preservation_min=3,

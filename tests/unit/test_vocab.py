@@ -12,7 +12,8 @@ from events.codec import decode_event, encode_event
 from events.model import InstanceHealthChanged
 from events.vocab import REPORTABLE, Condition, Health, HealthStatus, InfraStatus
 from events.wire import HeartbeatMessage, WireError, parse_ingress
-from projections.render import counted, to_json
+from projections.canonical import to_json
+from projections.redis_render import counted
 
 
 def test_the_wire_spelling_of_each_vocabulary():
