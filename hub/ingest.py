@@ -315,11 +315,9 @@ class Ingest:
         """What ``pending`` fetches; until it comes, take internal candidates as they are
         submitted and the timer's decisions when they are due."""
         while True:
-            waiting: set[asyncio.Future[Any]] = {pending}
             wake = asyncio.ensure_future(self._wake.wait())
-            waiting.add(wake)
             try:
-                await asyncio.wait(waiting, timeout=self._until_due(),
+                await asyncio.wait({pending, wake}, timeout=self._until_due(),
                                    return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
             finally:
                 wake.cancel()
