@@ -233,6 +233,197 @@ class InfraConfigLoaded(Event, frozen=True):
     service_dependencies: dict[str, list[str]] = {}
 
 
+# --- alerts (handlers.alerts) ---------------------------------------------------------
+# An alert is identified by its fingerprint (``handlers.alert_rules.fingerprint``: the rule
+# and its labels); there is at most one active alert per fingerprint. Its tenant is the
+# tenant of what it is about (``_infra`` for components, ``_hub`` for the hub itself).
+
+
+class AlertRulesLoaded(Event, frozen=True):
+    """The alerting configuration (rules, route, receivers, inhibit rules) decisions are
+    taken with from now on, as validated data (``handlers.alert_rules.AlertingConfig``)."""
+
+    kind: ClassVar[str] = "alert_rules_loaded"
+
+    source: str
+    digest: str
+    config: dict[str, Any] = {}
+
+
+class AlertPending(Event, frozen=True):
+    """A rule's condition became true; the alert fires if it holds for the rule's ``for``."""
+
+    kind: ClassVar[str] = "alert_pending"
+
+    fingerprint: str
+    rule: str
+    severity: str
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    active_since: float = 0.0
+    value: float | None = None
+
+
+class AlertFiring(Event, frozen=True):
+    """The condition held for the rule's ``for``: the alert fires (and is notified)."""
+
+    kind: ClassVar[str] = "alert_firing"
+
+    fingerprint: str
+    rule: str
+    severity: str
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    active_since: float = 0.0
+    value: float | None = None
+    recorded_late: bool = False  # decided while the log was down, recorded once it was back
+
+
+class AlertResolved(Event, frozen=True):
+    """The condition is no longer true. ``fired``: False for an alert that was pending only
+    (nobody was told of it, nobody is told it ended)."""
+
+    kind: ClassVar[str] = "alert_resolved"
+
+    fingerprint: str
+    rule: str
+    severity: str
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+    active_since: float = 0.0
+    fired: bool = True
+    reason: str = ""
+    recorded_late: bool = False
+
+
+class AlertInhibited(Event, frozen=True):
+    """An active alert is muted by another (``by``: its fingerprint), through an
+    inhibit rule or because what it depends on is down (``reason`` says which)."""
+
+    kind: ClassVar[str] = "alert_inhibited"
+
+    fingerprint: str
+    by: str
+    by_rule: str
+    reason: str
+
+
+class AlertUninhibited(Event, frozen=True):
+    """The inhibiting alert ``by`` is no longer active: the alert counts again."""
+
+    kind: ClassVar[str] = "alert_uninhibited"
+
+    fingerprint: str
+    by: str
+
+
+class AlertAcknowledged(Event, frozen=True):
+    """Someone took the alert: its notifications are not repeated until it resolves."""
+
+    kind: ClassVar[str] = "alert_acknowledged"
+
+    fingerprint: str
+    author: str
+    comment: str = ""
+
+
+class SilenceCreated(Event, frozen=True):
+    """Alerts matching every matcher are not notified between ``starts_at`` and
+    ``ends_at`` (Alertmanager's silences). ``matchers``: ``{"name", "op", "value"}``."""
+
+    kind: ClassVar[str] = "silence_created"
+
+    silence_id: str
+    matchers: list[dict[str, str]]
+    starts_at: float
+    ends_at: float
+    created_by: str
+    comment: str = ""
+
+
+class SilenceExpired(Event, frozen=True):
+    """A silence ended: at its end time, or expired early by someone."""
+
+    kind: ClassVar[str] = "silence_expired"
+
+    silence_id: str
+    reason: str = "ended"
+    expired_by: str = ""
+
+
+class NotificationDue(Event, frozen=True):
+    """One notification of a group to one receiver, to be sent (the outbox).
+
+    ``notification_id`` is derived from the receiver, the group key, the firing and
+    resolved sets and the repeat epoch, so the same notification is never due twice.
+    ``firing``/``resolved``: one entry per alert (fingerprint, rule, severity, labels,
+    annotations, active_since[, resolved_at]). ``root_cause``: for an alert whose
+    dependents' alerts it inhibits, the source and the impacted services.
+    """
+
+    kind: ClassVar[str] = "notification_due"
+
+    notification_id: str
+    receiver: str
+    group_key: str
+    group_labels: dict[str, str] = {}
+    firing: list[dict[str, Any]] = []
+    resolved: list[dict[str, Any]] = []
+    epoch: int = 0
+    severity: str = ""
+
+
+class NotificationSent(Event, frozen=True):
+    """The receiver took the notification (``attempt``: 1 for the first try)."""
+
+    kind: ClassVar[str] = "notification_sent"
+
+    notification_id: str
+    receiver: str
+    attempt: int = 1
+    detail: str = ""
+    out_of_band: bool = False  # sent while the log was down, before it was recorded
+
+
+class NotificationFailed(Event, frozen=True):
+    """A try failed; the next is at ``next_attempt_at`` (0: given up)."""
+
+    kind: ClassVar[str] = "notification_failed"
+
+    notification_id: str
+    receiver: str
+    attempt: int
+    error: str
+    next_attempt_at: float = 0.0
+
+
+class HubSampled(Event, frozen=True):
+    """What the hub measured of itself (tenant ``_hub``), for the alert rules on it:
+    ``values`` by gauge name (``handlers.alert_rules.GAUGES``). Superseded by the next
+    sample, like check results."""
+
+    kind: ClassVar[str] = "hub_sampled"
+    announced: ClassVar[bool] = False
+
+    values: dict[str, float] = {}
+
+
+AlertEvent = (
+    AlertRulesLoaded
+    | AlertPending
+    | AlertFiring
+    | AlertResolved
+    | AlertInhibited
+    | AlertUninhibited
+    | AlertAcknowledged
+    | SilenceCreated
+    | SilenceExpired
+    | NotificationDue
+    | NotificationSent
+    | NotificationFailed
+    | HubSampled
+)
+
 # Events about an instance's health, kept in the health history.
 HealthEvent = (
     InstanceHealthChanged
@@ -253,11 +444,13 @@ AnyEvent = (
     | InputRejected
     | HealthEvent
     | InfraEvent
+    | AlertEvent
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = get_args(AnyEvent)
 HEALTH_EVENTS: tuple[type[Event], ...] = get_args(HealthEvent)
 INFRA_EVENTS: tuple[type[Event], ...] = get_args(InfraEvent)
+ALERT_EVENTS: tuple[type[Event], ...] = get_args(AlertEvent)
 
 # The short name of each event type in watch subjects: hub.events.<tenant>.<kind>.
 WATCH_KIND: dict[type[Event], str] = {t: t.kind for t in EVENT_TYPES}
@@ -291,6 +484,8 @@ def compaction_key(event: Event) -> str | None:
         return f"hb/{partition_key(event)}"
     if isinstance(event, InfraChecked):
         return f"infra/{event.tenant}/{event.component}"
+    if isinstance(event, HubSampled):
+        return f"sample/{event.tenant}/-"
     return None
 
 
