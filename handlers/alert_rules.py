@@ -7,7 +7,8 @@
 * The **route** tree sends alerts to receivers, grouped: ``group_by``, ``group_wait``,
   ``group_interval``, ``repeat_interval`` and child ``routes`` with ``matchers`` and
   ``continue``, as in Alertmanager (a child inherits what it does not set).
-* **Receivers**: ``log``, ``nats``, ``webhook`` (``email`` is an extension point).
+* **Receivers** (named, as routes refer to them) each have integrations: ``log``,
+  ``nats``, ``webhook`` (``email`` is an extension point).
 * **Inhibit rules**: ``source_matchers``, ``target_matchers``, ``equal``; plus, unless
   ``derive_inhibitions`` is off, inhibition derived from the dependency graph.
 
@@ -131,21 +132,23 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     routes: tuple[Route, ...] = ()
 
 
-class Receiver(msgspec.Struct, frozen=True, kw_only=True):
-    """Where notifications go.
+class Integration(msgspec.Struct, frozen=True, kw_only=True):
+    """One way a receiver is told (Alertmanager's ``webhook_configs`` & co.); each has
+    its own outbox queue, so a failing one never holds up another.
 
     Attributes:
+        type: ``log`` (a structlog line), ``nats`` (``hub.alerts.<tenant>.<severity>``),
+            ``webhook`` (HTTP POST), ``email`` (an extension point: refused for now).
         url, headers, timeout_s: the webhook's endpoint.
         send_resolved: notify when alerts resolve.
         send_resolved_when_silenced: notify a resolve even while the alert is silenced
             (Alertmanager drops it; a resolved alert is news worth having).
-        rate_per_s, burst: the token bucket of the receiver (0: no limit).
+        rate_per_s, burst: the token bucket of the integration (0: no limit).
         max_attempts: tries before a notification is given up (recorded as failed).
         backoff_s, max_backoff_s: retry delays (doubling, with jitter), unless the
             receiver says when (``Retry-After``).
     """
 
-    name: str
     type: ReceiverType
     url: str = ""
     headers: dict[str, str] = {}
@@ -157,6 +160,22 @@ class Receiver(msgspec.Struct, frozen=True, kw_only=True):
     max_attempts: int = 10
     backoff_s: float = 1.0
     max_backoff_s: float = 300.0
+
+
+class Receiver(msgspec.Struct, frozen=True, kw_only=True):
+    """A named receiver (what a route sends to) and its integrations."""
+
+    name: str
+    integrations: tuple[Integration, ...] = ()
+
+    def targets(self) -> list[tuple[str, Integration]]:
+        """``(integration id, integration)``: the id (``<receiver>/<type>/<index>``) is
+        what notifications are addressed to."""
+        return [(integration_id(self.name, i, x), x) for i, x in enumerate(self.integrations)]
+
+
+def integration_id(receiver: str, index: int, integration: Integration) -> str:
+    return f"{receiver}/{integration.type}/{index}"
 
 
 class InhibitRule(msgspec.Struct, frozen=True, kw_only=True):
@@ -190,6 +209,15 @@ class AlertingConfig(msgspec.Struct, frozen=True, kw_only=True):
         for r in self.receivers:
             if r.name == name:
                 return r
+        return None
+
+    def integration(self, target: str) -> Integration | None:
+        """The integration a notification is addressed to (``Receiver.targets``)."""
+        name, _, _ = target.partition("/")
+        receiver = self.receiver(name)
+        for t, x in receiver.targets() if receiver else []:
+            if t == target:
+                return x
         return None
 
     def to_data(self) -> dict[str, Any]:

@@ -9,19 +9,32 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from events.model import (
+    AlertAcknowledged,
+    AlertFiring,
+    AlertInhibited,
+    AlertPending,
+    AlertResolved,
+    AlertRulesLoaded,
+    AlertUninhibited,
     FlappingEnded,
     FlappingStarted,
     HeartbeatReceived,
+    HubSampled,
     InfraChecked,
     InfraConfigLoaded,
     InfraStatusChanged,
     InputRejected,
     InstanceExpired,
     InstanceHealthChanged,
+    NotificationDue,
+    NotificationFailed,
+    NotificationSent,
     SelfPreservationEnded,
     SelfPreservationStarted,
     ServiceDeregistered,
     ServiceRegistered,
+    SilenceCreated,
+    SilenceExpired,
 )
 
 TENANTS = st.sampled_from(["default", "acme"])
@@ -95,6 +108,52 @@ INFRA = st.one_of(
               service_dependencies=st.dictionaries(SERVICES, st.lists(COMPONENTS, max_size=2),
                                                    max_size=2)),
 )  # fmt: skip
+FINGERPRINTS = st.sampled_from(["f1", "f2", "f3"])
+LABELS = st.dictionaries(st.sampled_from(["alertname", "service", "component"]), TEXT, max_size=3)
+SEVERITY = st.sampled_from(["critical", "warning", "info"])
+ALERT = {
+    "fingerprint": FINGERPRINTS,
+    "rule": st.sampled_from(["Down", "Lag"]),
+    "severity": SEVERITY,
+    "labels": LABELS,
+    "annotations": LABELS,
+    "active_since": TS,
+}
+NOTIFICATION = {
+    "notification_id": st.sampled_from(["n1", "n2"]),
+    "receiver": st.sampled_from(["default/log/0", "ops/webhook/0"]),
+}
+# One strategy per alert event type (the codec test checks every type has one).
+ALERT_STRATEGIES = {
+    AlertRulesLoaded: st.builds(AlertRulesLoaded,
+        **ENVELOPE, source=TEXT, digest=TEXT.filter(bool)),
+    AlertPending: st.builds(AlertPending, **ENVELOPE, **ALERT, value=st.one_of(st.none(), FINITE)),
+    AlertFiring: st.builds(AlertFiring, **ENVELOPE, **ALERT, value=st.one_of(st.none(), FINITE)),
+    AlertResolved: st.builds(AlertResolved, **ENVELOPE, **ALERT, fired=st.booleans(), reason=TEXT),
+    AlertInhibited: st.builds(AlertInhibited, **ENVELOPE, fingerprint=FINGERPRINTS, by=FINGERPRINTS,
+              by_rule=TEXT, reason=TEXT),
+    AlertUninhibited: st.builds(AlertUninhibited,
+        **ENVELOPE, fingerprint=FINGERPRINTS, by=FINGERPRINTS),
+    AlertAcknowledged: st.builds(AlertAcknowledged,
+        **ENVELOPE, fingerprint=FINGERPRINTS, author=TEXT,
+              comment=TEXT),
+    SilenceCreated: st.builds(SilenceCreated, **ENVELOPE, silence_id=st.sampled_from(["s1", "s2"]),
+              matchers=st.just([{"name": "alertname", "op": "=", "value": "Down"}]),
+              starts_at=TS, ends_at=TS, created_by=TEXT, comment=TEXT),
+    SilenceExpired: st.builds(SilenceExpired, **ENVELOPE, silence_id=st.sampled_from(["s1", "s2"]),
+              reason=TEXT),
+    NotificationDue: st.builds(NotificationDue, **ENVELOPE, **NOTIFICATION, group_key=TEXT,
+              group_labels=LABELS, epoch=st.integers(0, 3), severity=SEVERITY),
+    NotificationSent: st.builds(NotificationSent,
+        **ENVELOPE, **NOTIFICATION, attempt=st.integers(1, 3),
+              detail=TEXT),
+    NotificationFailed: st.builds(NotificationFailed,
+        **ENVELOPE, **NOTIFICATION, attempt=st.integers(1, 3),
+              error=TEXT, next_attempt_at=TS),
+    HubSampled: st.builds(HubSampled, **ENVELOPE, values=st.dictionaries(
+        st.sampled_from(["projection_lag_s", "ingress_pending"]), FINITE, max_size=2)),
+}  # fmt: skip
+ALERTS = st.one_of(*ALERT_STRATEGIES.values())
 EVENTS = st.one_of(
     REGISTERED,
     REGISTERED,

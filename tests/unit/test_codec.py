@@ -27,6 +27,7 @@ from events.model import (
 from events.names import is_name
 from events.translate import derive_instance_id
 from events.wire import WireError, parse_ingress
+from tests.strategies import ALERT_STRATEGIES
 
 names = st.from_regex(r"\A[a-z0-9][a-z0-9._-]{0,20}\Z")
 finite = st.floats(allow_nan=False, allow_infinity=False)
@@ -89,6 +90,7 @@ EVENT_STRATEGIES = {
                                   max_size=3),
               service_dependencies=st.dictionaries(names, st.lists(names, max_size=3),
                                                    max_size=3)),
+    **ALERT_STRATEGIES,
 }  # fmt: skip
 events = st.one_of(*EVENT_STRATEGIES.values())
 

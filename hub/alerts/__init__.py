@@ -1,0 +1,1 @@
+"""Alerting adapters: the rules file, receivers, the notification dispatcher."""
