@@ -36,6 +36,9 @@ from events.translate import (
     printable,
     quarantined,
 )
+from handlers.alerting import alert_pass
+from handlers.alerting import next_due as alerts_next_due
+from handlers.liveness import next_due as leases_next_due
 from handlers.liveness import tick
 from handlers.registry import (
     RegistryState,
@@ -79,6 +82,12 @@ def react(state: RegistryState, event: Event, now: float) -> tuple[RegistryState
     for e in decided:
         evolve(state, e)
     return state, decided
+
+
+def next_due(state: RegistryState, *, lease_floor: float, judge_leases: bool) -> float:
+    """When the timer next has something to decide: a lease, or an alert's deadline."""
+    return min(leases_next_due(state, lease_floor=lease_floor, judge_leases=judge_leases),
+               alerts_next_due(state))  # fmt: skip
 
 
 # --- candidates -----------------------------------------------------------------------
@@ -174,6 +183,16 @@ def step(
                 _internal(state, now, c.event, out)
             case TimerTurn():
                 _timer(state, now, c, out)
+    # The alerts look at what this turn recorded, and at what is due (handlers.alerting).
+    try:
+        alerted = alert_pass(state, now, out.record)
+    except Exception as exc:  # a bug: the alerts miss this turn, the registry goes on
+        out.notices.append(Notice("error", "alert_decision_failed", {"error": repr(exc)}, exc))
+        out.counts["alert_decisions_failed"] += 1
+        alerted = []
+    for e in alerted:
+        out.counts[f"alert_{type(e).__name__}"] += 1
+    out.record += alerted
     # Pushed to watchers: everything but heartbeats and check results (the bulk; a
     # change they cause is announced as such). See events.model.ANNOUNCED.
     out.announce = [e for e in out.record if type(e) in ANNOUNCED]

@@ -39,6 +39,7 @@ from events.model import (
     ServiceRegistered,
 )
 from events.vocab import Health
+from handlers.alerts import AlertState, evolve_alert
 from handlers.deadlines import TimerState
 from handlers.infra import InfraState, decide_check, evolve_infra
 from handlers.ledger import SeqLedger
@@ -161,6 +162,8 @@ class RegistryState:
             the fold, so that self-preservation needs no scan).
         timers: the lease timer's deadlines (``handlers.liveness``); None until the
             timer first runs on this state (a fold that never runs it pays nothing).
+        by_service: the instances of each service (``tenant, service``), by id.
+        alerts: the alerts, silences and notifications (``handlers.alerts``).
     """
 
     instances: dict[InstanceKey, Instance] = field(default_factory=dict)
@@ -173,6 +176,8 @@ class RegistryState:
     live_count: dict[str, int] = field(default_factory=dict)
     critical_count: dict[str, int] = field(default_factory=dict)
     timers: TimerState[InstanceKey] | None = None
+    by_service: dict[tuple[str, str], dict[str, Instance]] = field(default_factory=dict)
+    alerts: AlertState = field(default_factory=AlertState)
 
     def live(self, key: InstanceKey) -> Instance | None:
         inst = self.instances.get(key)
@@ -349,7 +354,7 @@ def _registered(state: RegistryState, event: ServiceRegistered) -> None:
         return
     before = state.instances.get(key)
     _count(state.live_count, event.tenant, 1)
-    state.instances[key] = Instance(
+    state.instances[key] = state.by_service.setdefault(key[:2], {})[key[2]] = Instance(
         tenant=event.tenant, service_name=event.service_name, instance_id=event.instance_id,
         host=event.host, port=event.port, protocol=event.protocol,
         health_endpoint=event.health_endpoint, version=event.version,
@@ -431,7 +436,7 @@ def evolve(state: RegistryState, event: Event) -> RegistryState:
         case InfraChecked() | InfraStatusChanged() | InfraConfigLoaded():
             evolve_infra(state.infra, event)
         case _:
-            pass
+            evolve_alert(state.alerts, event)
     return state
 
 

@@ -54,8 +54,16 @@ from events.subjects import (
     watch_subject,
 )
 from handlers import RegistryState
-from handlers.core import Arrival, Candidate, DeadLetter, Internal, Outcome, TimerTurn, step
-from handlers.liveness import next_due
+from handlers.core import (
+    Arrival,
+    Candidate,
+    DeadLetter,
+    Internal,
+    Outcome,
+    TimerTurn,
+    next_due,
+    step,
+)
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.metrics import Metrics
