@@ -60,3 +60,9 @@ def query_route(subject: str) -> SubjectRoute:
 
 def watch_subject(tenant: str, kind: str) -> str:
     return f"{EVENTS_PREFIX}.{tenant}.{kind}"
+
+
+# Alerting: notifications are published on hub.alerts.<tenant>.<severity> (the NATS
+# receiver); silences and acknowledgements are asked by request-reply.
+ALERTS_SILENCE_SUBJECT = "hub.alerts.silence"
+ALERTS_ACK_SUBJECT = "hub.alerts.ack"

@@ -24,6 +24,8 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import msgspec
+
 from events.model import (
     AlertFiring,
     AlertInhibited,
@@ -39,6 +41,7 @@ from events.model import (
     InstanceExpired,
     InstanceHealthChanged,
     NotificationDue,
+    NotificationSent,
     SelfPreservationEnded,
     SelfPreservationStarted,
     ServiceDeregistered,
@@ -57,7 +60,17 @@ from handlers.alert_rules import (
     fingerprint,
     matches_all,
 )
-from handlers.alerts import FIRING, PENDING, Alert, AlertState, Group, episode, schedule
+from handlers.alerts import (
+    FIRING,
+    PENDING,
+    Alert,
+    AlertState,
+    Group,
+    episode,
+    group_of,
+    routes_for,
+    schedule,
+)
 from handlers.registry import GONE, RegistryState, evolve
 
 Subject = tuple[str, ...]
@@ -445,6 +458,95 @@ def _entry(state: RegistryState, alert: Alert) -> dict[str, Any]:
     if impacted:
         entry["impacted"] = impacted
     return entry
+
+
+# --- the event log down -----------------------------------------------------------------
+
+
+def outage_alerts(state: RegistryState, log_name: str, since: float) -> list[Alert]:
+    """The alerts of the rules on ``event_log_down`` for an outage of ``log_name`` that
+    began at ``since`` (firing; not folded: the log cannot be written)."""
+    out: list[Alert] = []
+    for rule in state.alerts.config.rules:
+        if rule.source != "event_log_down":
+            continue
+        labels = _labels(rule, HUB_TENANT, {"log": log_name})
+        if not matches_all(rule.matchers, labels):
+            continue
+        annotations = {k: fill(v, labels, None) for k, v in rule.annotations.items()}
+        out.append(Alert(fingerprint(rule.name, labels), rule.name, rule.severity, labels,
+                         annotations, since, FIRING, fired_at=since + rule.for_s))  # fmt: skip
+    return out
+
+
+def outage_due_at(state: RegistryState, alert: Alert) -> float:
+    """When the outage's notification is due: its rule's ``for`` and its route's
+    ``group_wait`` after the outage began (the first route it takes)."""
+    routed = routes_for(state.alerts.config.route, alert.labels)[0]
+    return alert.fired_at + routed.group_wait_s
+
+
+def outage_notifications(state: RegistryState, alert: Alert) -> list[NotificationDue]:
+    """What the groups of ``alert`` would be notified (one per integration), as the
+    hub says it out of band while the log is down and records once it is back."""
+    out: list[NotificationDue] = []
+    entry = [alert.summary()]
+    ep = frozenset(episode(e) for e in entry)
+    for routed in routes_for(state.alerts.config.route, alert.labels):
+        key, labels = group_of(routed, alert.labels)
+        receiver = state.alerts.config.receiver(routed.receiver)
+        for target, _ in receiver.targets() if receiver else []:
+            nid = notification_id(target, key, ep, (), 0)
+            out.append(NotificationDue(
+                event_id=f"notify.{nid}", tenant=HUB_TENANT, ts=outage_due_at(state, alert),
+                notification_id=nid, receiver=target, group_key=key, group_labels=labels,
+                firing=entry, severity=alert.severity,
+            ))  # fmt: skip
+    return out
+
+
+def decide_outage(
+    state: RegistryState, now: float, log_name: str, since: float, until: float | None,
+    reached: dict[str, list[str]],
+) -> list[Event]:  # fmt: skip
+    """Record an outage of the event log once it can be written again: the alert (fired
+    late, at its time) and, for the notifications already said out of band
+    (``reached``: notification id -> integrations that took it), that they were sent;
+    the others are due now. ``until``: when it ended (None: not yet)."""
+    out: list[Event] = []
+
+    def record(e: Event) -> None:
+        evolve(state, e)
+        out.append(e)
+
+    for alert in outage_alerts(state, log_name, since):
+        rule = state.alerts.rule(alert.rule)
+        lasted = (until if until is not None else now) - since
+        if rule is None or lasted < rule.for_s or alert.fingerprint in state.alerts.alerts:
+            continue  # too short to fire, or recorded already
+        stamp = f"alert.{alert.fingerprint}.{round(since * 1e6)}"
+        record(AlertFiring(event_id=f"{stamp}.firing", tenant=HUB_TENANT, ts=now,
+                           fingerprint=alert.fingerprint, rule=alert.rule,
+                           severity=alert.severity, labels=alert.labels,
+                           annotations=alert.annotations, active_since=since,
+                           recorded_late=True))  # fmt: skip
+        for due in outage_notifications(state, alert):
+            if due.notification_id not in reached:
+                continue  # not said: the group's own flush says it
+            record(msgspec.structs.replace(due, ts=now))
+            for target in reached[due.notification_id]:
+                if target == due.receiver:
+                    record(NotificationSent(event_id=f"{due.notification_id}.sent",
+                                            tenant=HUB_TENANT, ts=now,
+                                            notification_id=due.notification_id,
+                                            receiver=target, out_of_band=True))  # fmt: skip
+        if until is not None:
+            fired = state.alerts.alerts.get(alert.fingerprint)
+            if fired is not None:
+                record(msgspec.structs.replace(
+                    _resolved(fired, now, f"the {log_name} log can be written again"),
+                    recorded_late=True))  # fmt: skip
+    return out
 
 
 __all__ = ["PENDING", "alert_pass", "dependents", "next_due", "service_health", "subjects_of"]

@@ -2,7 +2,8 @@
 
 Everything the hub decides goes through ``step``: ingress messages as they arrived
 (``Arrival``), results from inside the hub such as infrastructure checks
-(``Internal``), and the lease timer's turn (``TimerTurn``). For each candidate the
+(``Internal``), the lease timer's turn (``TimerTurn``), and an outage of the event log
+told once it is over (``Outage``). For each candidate the
 decision is dispatched through ``REACTIONS``, and what it decides is folded into the
 state at once (``evolve``), so the next candidate is decided on the state that includes
 it. ``step`` returns the ``Outcome``: the events to record in order, the dead letters
@@ -36,7 +37,7 @@ from events.translate import (
     printable,
     quarantined,
 )
-from handlers.alerting import alert_pass
+from handlers.alerting import alert_pass, decide_outage
 from handlers.alerting import next_due as alerts_next_due
 from handlers.liveness import next_due as leases_next_due
 from handlers.liveness import tick
@@ -125,7 +126,20 @@ class TimerTurn:
     judge_leases: bool
 
 
-Candidate = Arrival | Internal | TimerTurn
+@dataclass(frozen=True, slots=True)
+class Outage:
+    """The event log could not be written from ``since`` to ``until`` (None: it still
+    cannot, as far as the hub knew when it said so out of band); ``reached``: the
+    notifications said out of band meanwhile, by id, with the integrations that took
+    them (``handlers.alerting.decide_outage``)."""
+
+    log: str
+    since: float
+    until: float | None
+    reached: dict[str, list[str]] = field(default_factory=dict)
+
+
+Candidate = Arrival | Internal | TimerTurn | Outage
 
 
 # --- outcome --------------------------------------------------------------------------
@@ -183,6 +197,8 @@ def step(
                 _internal(state, now, c.event, out)
             case TimerTurn():
                 _timer(state, now, c, out)
+            case Outage():
+                out.record += decide_outage(state, now, c.log, c.since, c.until, c.reached)
     # The alerts look at what this turn recorded, and at what is due (handlers.alerting).
     try:
         alerted = alert_pass(state, now, out.record)

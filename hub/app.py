@@ -9,6 +9,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,8 @@ from nats.aio.client import Client
 from events.log import advance, merge_max
 from handlers import LivenessPolicy, RegistryState, evolve
 from hub import bootstrap
+from hub.alerts.rules import load_alerting
+from hub.alerts.service import Alerting
 from hub.config import HubConfig
 from hub.eventlog.port import EventLog
 from hub.gcpause import gc_paused, tune_for_serving
@@ -104,6 +107,7 @@ class Hub:
         self.feed: ProgressFeed | None = None  # progress and status for the query servers
         self.query_servers: QueryServers | None = None  # the processes answering hub.query.*
         self.monitor: InfraMonitor | None = None
+        self.alerting: Alerting | None = None
         self.projections: list[Projection] = []
         self._tasks: list[asyncio.Task[Any]] = []
         self._stop = asyncio.Event()
@@ -113,11 +117,12 @@ class Hub:
         """Connect, rebuild the state from the log, and serve.
 
         Raises:
-            InfraConfigError: the infrastructure file is bad (checked before anything
-                is connected, naming the file, the key and the reason).
+            InfraConfigError: the infrastructure file or the alert rules are bad (checked
+                before anything is connected, naming the file, the key and the reason).
         """
         c = self.config
         infra = monitored(c)
+        load_alerting(os.environ, Path(c.infra_config) if c.infra_config else None)
         self.nc = await bootstrap.connect_nats(
             c, "central-hub", max_reconnect_attempts=-1,
             disconnected_cb=self._nats_disconnected, reconnected_cb=self._nats_reconnected,
@@ -188,6 +193,9 @@ class Hub:
         self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
                                     recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
         await self.monitor.start()
+        self.alerting = Alerting(c, self.nc, ingest, status=self.status, progress=self.progress,
+                                 metrics=self.metrics, views=views, clock=self.clock)  # fmt: skip
+        await self.alerting.start()
         log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls),
                  query_servers=self.query_servers.pids)  # fmt: skip
 
@@ -302,8 +310,11 @@ class Hub:
         log.warning("projections_behind_at_stop")
 
     async def reload_infra(self) -> bool:
-        """Re-read the infrastructure file (SIGHUP); recorded as InfraConfigLoaded."""
-        return self.monitor is not None and await self.monitor.reload()
+        """Re-read the infrastructure file and the alert rules (SIGHUP); recorded as
+        InfraConfigLoaded and AlertRulesLoaded when they changed."""
+        infra = self.monitor is not None and await self.monitor.reload()
+        alerts = self.alerting is not None and await self.alerting.reload()
+        return infra or alerts
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -317,6 +328,8 @@ class Hub:
         self.status.role = "stopping"
         if self.monitor is not None:
             await self.monitor.stop()
+        if self.alerting is not None:
+            await self.alerting.stop()
         if self.query_servers is not None:
             await self.query_servers.stop()
         if self.feed is not None:

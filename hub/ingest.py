@@ -175,7 +175,8 @@ class Ingest:
         # Leases are judged only once the state has recorded this ingress sequence: the
         # backlog present when an append stalled (see _judge_after_backlog).
         self.barrier: int | None = None
-        self._internal: list[Event] = []  # candidates from inside the hub (monitor results)
+        self._internal: list[Candidate] = []  # from inside the hub (monitor results, ...)
+        self._observers: list[Callable[[list[Event]], None]] = []
         self._wake = asyncio.Event()  # set when one is submitted
         self._idle_turn = False  # the last timer turn decided nothing
         self._consumer_created: datetime | None = None
@@ -383,17 +384,23 @@ class Ingest:
             self._retry.pop(0)
             self._failures.pop(ack_metadata(msg.reply)[0], None)
 
-    def submit(self, candidate: Event) -> None:
-        """Queue a candidate event from inside the hub (an infrastructure check result);
-        the loop decides and records it as soon as the batch in hand is recorded."""
-        self._internal.append(candidate)
+    def submit(self, candidate: Event | Candidate) -> None:
+        """Queue a candidate from inside the hub (an infrastructure check result, a
+        notification's outcome, a silence); the loop decides and records it as soon as
+        the batch in hand is recorded."""
+        self._internal.append(Internal(candidate) if isinstance(candidate, Event) else candidate)
         self._wake.set()
+
+    def observe(self, observer: Callable[[list[Event]], None]) -> None:
+        """Call ``observer(events)`` with what was recorded, each time, once it is in the
+        log (the notification dispatcher sends what became due)."""
+        self._observers.append(observer)
 
     async def process_internal(self) -> list[Event]:
         """Decide and record the queued internal candidates."""
         candidates, self._internal = self._internal, []
         self._wake.clear()
-        outcome = await self._decide_and_record([Internal(c) for c in candidates])
+        outcome = await self._decide_and_record(candidates)
         return outcome.record
 
     async def run_timers(self) -> list[Event]:
@@ -424,6 +431,8 @@ class Ingest:
         if not (outcome.record or outcome.dead or inflight):
             return outcome
         positions = await self._record(outcome.record, outcome.dead, inflight)
+        for observer in self._observers:
+            observer(outcome.record)
         await self._announce(outcome.announce)
         await self._progress.appended(self.state.ingress.floor, positions)
         return outcome

@@ -133,6 +133,11 @@ class Progress:
         actually written, so Kafka's transaction markers do not count)."""
         return covers(self.views.get(view, {}), self._appended)
 
+    def lag(self, view: str) -> int:
+        """How many records ``view`` is behind what was appended (summed over partitions)."""
+        applied = self.views.get(view, {})
+        return sum(max(0, end - applied.get(p, 0)) for p, end in self._appended.items())
+
     def needed(self, min_seq: int) -> Positions | None:
         """The log positions a view must reach to reflect ``min_seq``; None if not ingested."""
         if min_seq > self.ingested_seq:

@@ -1,0 +1,264 @@
+"""Alerts on real servers: a monitored server stops and starts again, and a webhook
+receiver and a subscriber on ``hub.alerts.>`` are each told once; silences, the root cause
+of a dependency, a receiver that fails and then says when to come back.
+
+The monitored server is a real Redis-protocol server the test stops and restarts; the
+webhook receiver is a real local HTTP server (``webhook_sink``). Times are checked on the
+times the hub recorded (event time), never against the wall clock of the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+import yaml
+
+from events.codec import decode_event
+from events.model import AlertFiring, AlertInhibited, AlertResolved, NotificationDue
+from hub.stack import RedisServer
+from tests.integration.conftest import eventually, query
+from tests.integration.test_infra_monitor import component
+from tests.integration.webhook_sink import WebhookSink, serve_webhook
+
+PATIENCE = 60.0
+
+
+def alerts_file(path, sink: WebhookSink, *, port: int, deps=None, rules=None, route=None) -> str:
+    """An infrastructure file monitoring one server (``cache``) with an alerts section."""
+    path.write_text(yaml.safe_dump({
+        "databases": [component("cache", port, "redis_ping", 0.2)],
+        "service_dependencies": deps or {},
+        "alerts": {
+            "rules": rules or [{"alert": "CacheDown", "source": "infra_unhealthy",
+                                "for": "1s", "severity": "critical",
+                                "annotations": {"summary": "{component} is down"}}],
+            "route": route or {"receiver": "ops", "group_by": ["alertname", "component"],
+                               "group_wait": "1s", "group_interval": "2s",
+                               "repeat_interval": "1h"},
+            "receivers": [{"name": "ops", "webhook_configs": [{"url": sink.url()}],
+                           "nats_configs": [{}]}],
+        },
+    }))  # fmt: skip
+    return str(path)
+
+
+class Heard:
+    """Notifications on ``hub.alerts.<tenant>.<severity>`` and alert events announced on
+    ``hub.events.*.alert_*``."""
+
+    def __init__(self) -> None:
+        self.notifications: list[tuple[str, dict[str, Any]]] = []
+        self.events: list[Any] = []
+
+    async def start(self, nc) -> None:
+        async def notified(msg) -> None:
+            if len(msg.subject.split(".")) == 4:  # not hub.alerts.silence / .ack
+                self.notifications.append((msg.subject, msgspec.json.decode(msg.data)))
+
+        async def announced(msg) -> None:
+            self.events.append(decode_event(msg.data))
+
+        await nc.subscribe("hub.alerts.>", cb=notified)
+        await nc.subscribe("hub.events.*.*", cb=announced)
+        await nc.flush()
+
+    def of(self, kind: type) -> list[Any]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def statuses(self) -> list[str]:
+        return [body["status"] for _, body in self.notifications]
+
+
+def statuses(sink: WebhookSink) -> list[str]:
+    return [r.body["status"] for r in sink.requests]
+
+
+async def all_sent(hub) -> bool:
+    """Nothing due and unsent in the hub's outbox (every notification recorded as sent)."""
+    return not hub.ingest.state.alerts.outbox
+
+
+async def test_a_stopped_server_is_notified_once_firing_then_once_resolved(
+    tmp_path, start_hub, nc
+):
+    heard = Heard()
+    await heard.start(nc)
+    async with serve_webhook() as sink:
+        with RedisServer(tmp_path / "monitored") as monitored:
+            path = alerts_file(tmp_path / "infra.yaml", sink, port=monitored.port)
+            hub = await start_hub(infra_config=path, infra_self=False, infra_failures=2)
+            await eventually(lambda: hub.ingest.state.infra.components["cache"].status
+                             == "HEALTHY", timeout=PATIENCE)  # fmt: skip
+            monitored.stop()
+            await eventually(lambda: statuses(sink) == ["firing"] and heard.statuses()
+                             == ["firing"], timeout=PATIENCE)  # fmt: skip
+        restarted = RedisServer(tmp_path / "monitored", port=monitored.port)
+        restarted.start()
+        try:
+            await eventually(lambda: statuses(sink) == ["firing", "resolved"]
+                             and heard.statuses() == ["firing", "resolved"],
+                             timeout=PATIENCE)  # fmt: skip
+            await eventually(lambda: all_sent(hub), timeout=PATIENCE)
+        finally:
+            restarted.stop()
+    # Exactly once each, to each: the outbox is empty, nothing more is coming.
+    assert statuses(sink) == ["firing", "resolved"]
+    assert heard.statuses() == ["firing", "resolved"]
+    firing = sink.requests[0].body
+    assert firing["alerts"][0]["labels"]["component"] == "cache"
+    assert firing["alerts"][0]["annotations"]["summary"] == "cache is down"
+    subject, body = heard.notifications[0]
+    assert subject == "hub.alerts._infra.critical" and body["notificationId"]
+    # After `for` and then `group_wait`, on the times the hub recorded.
+    [fired] = heard.of(AlertFiring)
+    [pending] = [e for e in heard.events if type(e).__name__ == "AlertPending"]
+    assert fired.ts - pending.ts >= 1.0
+    dues = [e for e in heard.of(NotificationDue) if e.firing]
+    assert dues and min(d.ts for d in dues) - fired.ts >= 1.0
+    assert sink.requests[0].headers["idempotency-key"] == firing["notificationId"]
+    assert len(heard.of(AlertResolved)) == 1
+
+
+async def test_a_silence_mutes_firing_not_resolved_and_its_end_notifies_at_once(
+    tmp_path, start_hub, nc
+):
+    heard = Heard()
+    await heard.start(nc)
+    async with serve_webhook() as sink:
+        with RedisServer(tmp_path / "monitored") as monitored:
+            route = {"receiver": "ops", "group_by": ["alertname", "component"],
+                     "group_wait": "1s", "group_interval": "1s", "repeat_interval": "1h"}  # fmt: skip
+            path = alerts_file(tmp_path / "infra.yaml", sink, port=monitored.port, route=route)
+            hub = await start_hub(infra_config=path, infra_self=False, infra_failures=2)
+            silence = await query(nc, "hub.alerts.silence", {
+                "op": "create", "matchers": ['component="cache"'], "duration": "1h",
+                "created_by": "ana", "comment": "maintenance"})  # fmt: skip
+            assert silence["success"], silence
+            await eventually(lambda: hub.ingest.state.infra.components["cache"].status
+                             == "HEALTHY", timeout=PATIENCE)  # fmt: skip
+            monitored.stop()
+            await eventually(lambda: heard.of(AlertFiring), timeout=PATIENCE)
+
+            async def active() -> list[dict]:
+                reply = await query(nc, "hub.query.alerts", {})
+                assert reply["success"], reply
+                return [a for a in reply["data"] if a["labels"].get("component") == "cache"]
+
+            [alert] = await eventually(active, timeout=PATIENCE)
+            assert alert["silenced_by"] == [silence["data"]["silence_id"]]
+            assert sink.requests == [] and heard.notifications == []
+        restarted = RedisServer(tmp_path / "monitored", port=monitored.port)
+        restarted.start()
+        try:
+            # Resolved while silenced: still delivered (send_resolved_when_silenced).
+            await eventually(lambda: statuses(sink) == ["resolved"], timeout=PATIENCE)
+            await eventually(lambda: heard.statuses() == ["resolved"], timeout=PATIENCE)
+            # Down again under a silence that ends soon: notified when it ends.
+            short = await query(nc, "hub.alerts.silence", {
+                "op": "create", "matchers": ['alertname="CacheDown"'], "duration": "3s",
+                "created_by": "ana"})  # fmt: skip
+            assert short["success"], short
+            expired = await query(nc, "hub.alerts.silence", {
+                "op": "expire", "id": silence["data"]["silence_id"], "expired_by": "ana"})
+            assert expired["success"], expired
+            restarted.stop()
+            await eventually(lambda: statuses(sink) == ["resolved", "firing"], timeout=PATIENCE)
+            ends_at = short["data"]["ends_at"]
+            [due] = [e for e in heard.of(NotificationDue) if e.firing]
+            assert due.ts >= ends_at  # not before the silence ended
+            await eventually(lambda: all_sent(hub), timeout=PATIENCE)
+        finally:
+            restarted.stop()
+
+
+async def test_a_service_depending_on_a_stopped_component_gives_one_root_cause_notification(
+    tmp_path, start_hub, nc
+):
+    heard = Heard()
+    await heard.start(nc)
+    rules = [
+        {"alert": "CacheDown", "source": "infra_unhealthy", "for": "0s", "severity": "critical"},
+        {"alert": "ServiceUnhealthy", "source": "service_unhealthy", "for": "0s",
+         "severity": "critical"},
+    ]  # fmt: skip
+    route = {"receiver": "ops", "group_by": ["alertname"], "group_wait": "2s",
+             "group_interval": "2s", "repeat_interval": "1h"}  # fmt: skip
+    async with serve_webhook() as sink:
+        with RedisServer(tmp_path / "monitored") as monitored:
+            path = alerts_file(tmp_path / "infra.yaml", sink, port=monitored.port, rules=rules,
+                               route=route, deps={"orders": {"requires": ["cache"]}})  # fmt: skip
+            hub = await start_hub(infra_config=path, infra_self=False, infra_failures=2)
+            service = await nats.connect(hub.config.nats_urls[0])
+            try:
+                await service.publish("hub.register", msgspec.json.encode({
+                    "service_name": "orders", "instance_id": "o-1", "host": "127.0.0.1",
+                    "port": 8080, "heartbeat_interval_s": 60}))  # fmt: skip
+                await eventually(lambda: hub.ingest.state.infra.components["cache"].status
+                                 == "HEALTHY", timeout=PATIENCE)  # fmt: skip
+                monitored.stop()
+                await eventually(lambda: heard.of(AlertFiring), timeout=PATIENCE)
+                # orders cannot reach its cache: it says so.
+                await service.publish("hub.heartbeat", msgspec.json.encode({
+                    "service_name": "orders", "instance_id": "o-1", "status": "unhealthy"}))
+                await eventually(lambda: heard.of(AlertInhibited), timeout=PATIENCE)
+                await eventually(lambda: len(sink.requests) == 1, timeout=PATIENCE)
+                await eventually(lambda: all_sent(hub), timeout=PATIENCE)
+                # Another group_interval passes: still the one notification.
+                time.sleep(0)  # (no wall-clock wait: the outbox being empty is the condition)
+            finally:
+                await service.close()
+    [inhibited] = heard.of(AlertInhibited)
+    assert inhibited.reason == "orders requires component cache"
+    fired = {e.rule: e for e in heard.of(AlertFiring)}
+    assert set(fired) == {"CacheDown", "ServiceUnhealthy"}
+    assert inhibited.fingerprint == fired["ServiceUnhealthy"].fingerprint
+    assert inhibited.by == fired["CacheDown"].fingerprint
+    [request] = sink.requests
+    assert [a["labels"]["alertname"] for a in request.body["alerts"]] == ["CacheDown"]
+    assert request.body["rootCause"][0]["impacted"] == ["default/orders"]
+    assert len([n for n in heard.notifications if n[1]["status"] == "firing"]) == 1
+
+
+@pytest.mark.parametrize("script", [[500, 500, (429, {"Retry-After": "2"}), 200]])
+async def test_a_failing_webhook_is_retried_as_told_and_does_not_hold_up_the_others(
+    tmp_path, start_hub, nc, script
+):
+    heard = Heard()
+    await heard.start(nc)
+    async with serve_webhook(script) as sink:
+        with RedisServer(tmp_path / "monitored") as monitored:
+            path = alerts_file(tmp_path / "infra.yaml", sink, port=monitored.port)
+            hub = await start_hub(infra_config=path, infra_self=False, infra_failures=2)
+            await eventually(lambda: hub.ingest.state.infra.components["cache"].status
+                             == "HEALTHY", timeout=PATIENCE)  # fmt: skip
+            monitored.stop()
+            await eventually(lambda: sink.answered == [500, 500, 429, 200], timeout=PATIENCE)
+            await eventually(lambda: all_sent(hub), timeout=PATIENCE)
+    # The NATS receiver was told before the webhook's first retry was even sent.
+    assert heard.statuses() == ["firing"]
+    # Retry-After: 2 was honoured (a lower bound; the receiver's own clock).
+    assert sink.requests[3].at - sink.requests[2].at >= 2.0
+    assert len({r.headers["idempotency-key"] for r in sink.requests}) == 1
+    failed = await recorded(hub, "NotificationFailed")
+    assert [f.attempt for f in failed] == [1, 2, 3]
+    assert failed[2].next_attempt_at - failed[2].ts >= 2.0
+    sent = await recorded(hub, "NotificationSent")
+    webhook = [s for s in sent if "/webhook/" in s.receiver]
+    assert [s.attempt for s in webhook] == [4]
+    # The NATS integration's Sent was recorded before the webhook's first failure.
+    nats_sent = [s for s in sent if "/nats/" in s.receiver]
+    assert nats_sent and nats_sent[0].ts <= failed[1].ts
+
+
+async def recorded(hub, type_name: str) -> list[Any]:
+    """The events of a type in the hub's log, in order."""
+    out = []
+    async for records in hub.event_log.read(None, follow=False):
+        out += [r.event for r in records if type(r.event).__name__ == type_name]
+    await asyncio.sleep(0)
+    return out
