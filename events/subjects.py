@@ -12,6 +12,8 @@ DLQ_STREAM = "HUB_DLQ"
 DLQ_SUBJECT = "hub.dlq"
 EVENTS_PREFIX = "hub.events"
 QUERY_PREFIX = "hub.query"
+# Notifications of alerts: hub.alerts.<tenant>.<severity> (the nats integration).
+ALERTS_PREFIX = "hub.alerts"
 
 # Captured by the ingress stream. ".>" (not ".*") so that a malformed tenant such
 # as "a.b" is still captured, and so rejected with a reason instead of vanishing.
@@ -60,3 +62,7 @@ def query_route(subject: str) -> SubjectRoute:
 
 def watch_subject(tenant: str, kind: str) -> str:
     return f"{EVENTS_PREFIX}.{tenant}.{kind}"
+
+
+def alert_subject(tenant: str, severity: str) -> str:
+    return f"{ALERTS_PREFIX}.{tenant}.{severity}"
