@@ -246,12 +246,14 @@ class Dispatcher:
         due, attempt = job.due, job.attempt
         integration = self._lookup(integration_id)
         if integration is None:
-            self._failed(due, attempt, f"integration {integration_id} is no longer configured")
+            reason = f"integration {integration_id} is no longer configured"
+            self._failed(due, attempt, reason, now=self._clock())
             return
         limiter = queue.throttle(integration)
         if limiter is not None:
             await limiter.acquire()
         delivery = await self._send(integration_id, integration, due)
+        now = self._clock()
         if delivery.ok:
             faults.point("notification_sent_unrecorded")
             self._pending.discard(due.notification_id)
@@ -259,46 +261,47 @@ class Dispatcher:
                 NotificationSent(
                     event_id=f"{due.notification_id}.sent",
                     tenant=HUB_TENANT,
-                    ts=self._clock(),
+                    ts=now,
                     notification_id=due.notification_id,
-                    receiver=integration_id,
+                    receiver=due.receiver,
                     attempt=attempt,
                     detail=delivery.reason,
                 )
             )
             return
-        next_at = self._next_attempt_at(integration, attempt, delivery)
-        if next_at == 0.0:
+        delay = self._retry_delay(integration, attempt, delivery)
+        if delay is None:
             reason = delivery.reason
             if delivery.outcome == "retry":
-                reason += f" (given up after {attempt} attempts)"
-            self._failed(due, attempt, reason)
+                reason += f" (given up after {attempt} attempt{'s' if attempt > 1 else ''})"
+            self._failed(due, attempt, reason, now=now)
             return
-        self._submit(self._failure(due, attempt, delivery.reason, next_at))
-        heapq.heappush(queue.heap, (next_at, next(self._seq), _Job(due, attempt + 1, next_at)))
+        self._submit(self._failure(due, attempt, delivery.reason, now=now, next_at=now + delay))
+        job = _Job(due, attempt + 1, now + delay)
+        heapq.heappush(queue.heap, (job.not_before, next(self._seq), job))
 
-    def _next_attempt_at(self, integration: Integration, attempt: int, delivery: Delivery) -> float:
-        """When to try again (0.0: give up)."""
+    def _retry_delay(
+        self, integration: Integration, attempt: int, delivery: Delivery
+    ) -> float | None:
+        """Seconds until the next try (None: give up)."""
         if delivery.outcome == "permanent" or attempt >= integration.max_attempts:
-            return 0.0
+            return None
         if delivery.retry_after is not None:
-            delay = min(max(0.0, delivery.retry_after), MAX_RETRY_AFTER_S)
-        else:
-            delay = backoff_delay(integration, attempt, self._rng)
-        return self._clock() + delay
+            return min(max(0.0, delivery.retry_after), MAX_RETRY_AFTER_S)
+        return backoff_delay(integration, attempt, self._rng)
 
-    def _failed(self, due: NotificationDue, attempt: int, reason: str) -> None:
+    def _failed(self, due: NotificationDue, attempt: int, reason: str, *, now: float) -> None:
         """Give ``due`` up and say so."""
         self._pending.discard(due.notification_id)
-        self._submit(self._failure(due, attempt, reason, 0.0))
+        self._submit(self._failure(due, attempt, reason, now=now, next_at=0.0))
 
     def _failure(
-        self, due: NotificationDue, attempt: int, reason: str, next_at: float
+        self, due: NotificationDue, attempt: int, reason: str, *, now: float, next_at: float
     ) -> NotificationFailed:
         return NotificationFailed(
             event_id=f"{due.notification_id}.failed.{attempt}",
             tenant=HUB_TENANT,
-            ts=self._clock(),
+            ts=now,
             notification_id=due.notification_id,
             receiver=due.receiver,
             attempt=attempt,
