@@ -175,13 +175,15 @@ async def test_a_stuck_webhook_never_holds_up_a_nats_notification(nc, alerts_sub
     team = Receiver(name="team", integrations=(Integration(type="nats"),))
     async with (
         serve_webhook([hold, 500, 200]) as sink,
-        running(webhook(sink.url(), **FAST), team, nc=nc) as outbox,
+        # A timeout far beyond the wait below: the first try stays in flight until ``hold``.
+        running(webhook(sink.url(), timeout_s=120, **FAST), team, nc=nc) as outbox,
     ):
         outbox.dispatcher.offer(notification_due(1, HOOK))
         await eventually(lambda: sink.requests)  # the webhook's first try is in flight
         outbox.dispatcher.offer(notification_due(2, "team/nats/0", tenant="beta"))
         nats_sent = await eventually(lambda: outbox.sent("n-2"), timeout=10)
         assert sink.answered == []  # the webhook has still not been answered
+        assert outbox.of("n-1") == []  # and its first try has no outcome yet
         hold.set()
         await eventually(lambda: outbox.sent("n-1"))
     [(received_at, msg)] = alerts_subscriber
