@@ -48,6 +48,7 @@ from hub.alerts.receivers import (
     NatsSender,
     Sender,
     WebhookSender,
+    permanent,
     retryable,
 )
 from hub.infra.checkers import preload
@@ -318,7 +319,7 @@ class Dispatcher:
         failure worth another try (and logged: it is a bug, not the receiver)."""
         sender = self._senders.get(integration.type)
         if sender is None:
-            return Delivery("permanent", f"no sender for integration type {integration.type!r}")
+            return permanent(f"no sender for integration type {integration.type!r}")
         receiver_name = integration_id.partition("/")[0]
         try:
             body = msgspec.json.encode(render(due, receiver_name=receiver_name))
