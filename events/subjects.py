@@ -12,6 +12,8 @@ DLQ_STREAM = "HUB_DLQ"
 DLQ_SUBJECT = "hub.dlq"
 EVENTS_PREFIX = "hub.events"
 QUERY_PREFIX = "hub.query"
+# Notifications of alerts: hub.alerts.<tenant>.<severity> (the nats integration).
+ALERTS_PREFIX = "hub.alerts"
 
 # Captured by the ingress stream. ".>" (not ".*") so that a malformed tenant such
 # as "a.b" is still captured, and so rejected with a reason instead of vanishing.
@@ -62,7 +64,11 @@ def watch_subject(tenant: str, kind: str) -> str:
     return f"{EVENTS_PREFIX}.{tenant}.{kind}"
 
 
-# Alerting: notifications are published on hub.alerts.<tenant>.<severity> (the NATS
-# receiver); silences and acknowledgements are asked by request-reply.
-ALERTS_SILENCE_SUBJECT = "hub.alerts.silence"
-ALERTS_ACK_SUBJECT = "hub.alerts.ack"
+def alert_subject(tenant: str, severity: str) -> str:
+    """Where the NATS receiver publishes a notification: hub.alerts.<tenant>.<severity>."""
+    return f"{ALERTS_PREFIX}.{tenant}.{severity}"
+
+
+# Silences and acknowledgements are asked by request-reply.
+ALERTS_SILENCE_SUBJECT = f"{ALERTS_PREFIX}.silence"
+ALERTS_ACK_SUBJECT = f"{ALERTS_PREFIX}.ack"

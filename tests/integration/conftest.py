@@ -27,6 +27,7 @@ from events.model import (
     InfraStatusChanged,
     InputRejected,
     InstanceHealthChanged,
+    NotificationDue,
     ServiceDeregistered,
     ServiceRegistered,
 )
@@ -313,4 +314,22 @@ def infra_status_changed(
     return InfraStatusChanged(
         event_id=f"infra-status-{component}-{status}", tenant="_infra", ts=T0 + 1100,
         component=component, previous=previous, status=status, reason=f"now {status}",
+    )  # fmt: skip
+
+
+def notification_due(
+    n: int, receiver: str, *, tenant: str = "acme", severity: str = "critical"
+) -> NotificationDue:
+    """Notification ``n-<n>`` to ``receiver`` of one alert ``ServiceUnhealthy`` firing on
+    ``svc-<n>`` of ``tenant``."""
+    labels = {"alertname": "ServiceUnhealthy", "severity": severity, "tenant": tenant,
+              "service": f"svc-{n}"}  # fmt: skip
+    alert = {"fingerprint": f"fp-{n}", "rule": "ServiceUnhealthy", "severity": severity,
+             "labels": labels, "annotations": {"summary": f"svc-{n} is unhealthy"},
+             "active_since": T0 + n}  # fmt: skip
+    return NotificationDue(
+        event_id=f"n-{n}.due", tenant="_hub", ts=T0 + 30 + n, notification_id=f"n-{n}",
+        receiver=receiver, group_key=f'{{}}:{{alertname="ServiceUnhealthy",service="svc-{n}"}}',
+        group_labels={"alertname": "ServiceUnhealthy", "tenant": tenant}, firing=[alert],
+        severity=severity,
     )  # fmt: skip
