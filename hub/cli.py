@@ -18,6 +18,7 @@ import signal
 import sys
 from pathlib import Path
 
+from hub.alerts.rules import AlertConfigError
 from hub.config import ConfigError, HubConfig
 from hub.infra.config import InfraConfigError
 from hub.logs import configure
@@ -47,7 +48,10 @@ async def _serve(config: HubConfig, started_message: str | None = None) -> int:
     try:
         await hub.start()
     except InfraConfigError as exc:
-        print(f"hub: infrastructure configuration error: {exc}", file=sys.stderr)
+        what = (
+            "alert rules" if isinstance(exc, AlertConfigError) else "infrastructure configuration"
+        )
+        print(f"hub: {what} error: {exc}", file=sys.stderr)
         await hub.stop()
         raise SystemExit(2) from None
     if started_message:

@@ -42,6 +42,8 @@ ENV_VARS: dict[str, str] = {
     "HUB_TICK_S": "longest wait of the ingest loop between two looks at the timer (lagging, "
     "the connection); the timer itself wakes at each deadline",
     "HUB_INFRA_CONFIG": "path of infrastructure.yaml (empty: only the hub's own stack)",
+    "HUB_ALERTS_FILE": "path of the alert rules file (empty: the alerts: section of "
+    "HUB_INFRA_CONFIG, else the default rules)",
     "HUB_INFRA_SELF": "'1' (default) to also monitor the hub's own servers, '0' not to",
     "HUB_INFRA_FAILURES": "consecutive failed checks that make a healthy component UNHEALTHY",
     "HUB_INFRA_HISTORY_DAYS": "days of raw check results kept in PostgreSQL infra_checks",

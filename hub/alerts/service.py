@@ -289,8 +289,9 @@ class Alerting:
                                     key=lambda s: s.starts_at)
                 ]  # fmt: skip
             case _:
-                raise RequestError("INVALID_REQUEST",
-                                   f"op: expected create, expire or list, got {request.op!r}")
+                raise RequestError(
+                    "INVALID_REQUEST", f"op: expected create, expire or list, got {request.op!r}"
+                )
 
     async def _ack(self, payload: bytes) -> Any:
         request = _decode(payload, AckRequest)
@@ -323,8 +324,9 @@ class Alerting:
             if values != last:
                 last = values
                 now = self._clock()
-                self._ingest.submit(HubSampled(event_id=f"sample.{round(now * 1e6)}",
-                                               tenant=HUB_TENANT, ts=now, values=values))  # fmt: skip
+                sample = HubSampled(event_id=f"sample.{round(now * 1e6)}", tenant=HUB_TENANT,
+                                    ts=now, values=values)  # fmt: skip
+                self._ingest.submit(sample)
 
     async def gauges(self) -> dict[str, float]:
         """The hub's gauges now (``handlers.alert_rules.GAUGES``)."""

@@ -362,7 +362,9 @@ def _read_services(node: Node, known: set[str]) -> tuple[ServiceDependency, ...]
 def _read_alerts(node: Node) -> AlertsConfig:
     if node.missing:
         return AlertsConfig()
-    node.mapping(("enabled", "channels"))
+    # The rest of the section (rules, route, receivers, ...) is read by hub.alerts.rules.
+    node.mapping(("enabled", "channels", "derive_inhibitions", "rules", "route", "receivers",
+                  "inhibit_rules"))  # fmt: skip
     return AlertsConfig(
         enabled=node.child("enabled").boolean(True),
         channels=node.child("channels").names(),

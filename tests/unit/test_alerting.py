@@ -63,7 +63,8 @@ class Hub:
         self.log: list[Event] = []
         self.now = T0
         self.submit(AlertRulesLoaded(event_id="rules", tenant="_hub", ts=T0, source="test",
-                                     digest=digest_of(config), config=config.to_data()))  # fmt: skip
+                                     digest=digest_of(config),
+                                     config=config.to_data()))  # fmt: skip
         self.submit(InfraConfigLoaded(
             event_id="infra", tenant="_infra", ts=T0, source="test", digest="d",
             components=[{"name": "pg", "section": "databases", "type": "postgresql"}],
@@ -173,9 +174,13 @@ def test_inhibit_rules_follow_alertmanager():
         rules=CONFIG.rules,
         route=CONFIG.route,
         receivers=CONFIG.receivers,
-        inhibit_rules=(InhibitRule(source_matchers=(Matcher("alertname", "=", "ComponentDown"),),
-                                   target_matchers=(Matcher("severity", "=", "critical"),),
-                                   equal=("tenant",)),),  # fmt: skip
+        inhibit_rules=(
+            InhibitRule(
+                source_matchers=(Matcher("alertname", "=", "ComponentDown"),),
+                target_matchers=(Matcher("severity", "=", "critical"),),
+                equal=("tenant",),
+            ),
+        ),
         derive_inhibitions=False,
     )
     hub = Hub(config)
