@@ -169,13 +169,16 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 20.0, interva
 class HubProcess:
     """The hub as a separate OS process (``python -m hub run``), for crash tests."""
 
-    def __init__(self, config: HubConfig, log_path: Path) -> None:
+    def __init__(
+        self, config: HubConfig, log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.config = config
         self.log_path = log_path
+        self.env = dict(env or {})  # more environment (e.g. HUB_FAULTS, crash points)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = {**os.environ, **self.config.to_env(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, **self.config.to_env(), "PYTHONUNBUFFERED": "1", **self.env}
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "hub", "run"], cwd=ROOT, env=env, stdout=log, stderr=log

@@ -10,19 +10,23 @@ times the hub recorded (event time), never against the wall clock of the test.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import signal
 from typing import Any
 
 import msgspec
 import nats
 import pytest
 import yaml
-from tests.integration.webhook_sink import WebhookSink, serve_webhook
 
 from events.codec import decode_event
 from events.model import AlertFiring, AlertInhibited, AlertResolved, NotificationDue
+from hub.bootstrap import make_event_log
 from hub.stack import RedisServer
-from tests.integration.conftest import eventually, query
-from tests.integration.test_infra_monitor import component
+from tests.integration.conftest import HubProcess, eventually, query
+from tests.integration.test_crash import _answers
+from tests.integration.test_infra_monitor import component, components
+from tests.integration.webhook_sink import WebhookSink, serve_webhook
 
 PATIENCE = 60.0
 
@@ -265,3 +269,73 @@ async def recorded(hub, type_name: str) -> list[Any]:
         out += [r.event for r in records if type(r.event).__name__ == type_name]
     await asyncio.sleep(0)
     return out
+
+
+@pytest.mark.parametrize("crash", ["notification_due_recorded", "notification_sent_unrecorded"])
+async def test_a_hub_killed_around_a_notification_sends_it_once_or_twice_with_one_key(
+    tmp_path, hub_config, nc, crash
+):
+    """SIGKILL right after ``NotificationDue`` is recorded (nothing sent yet): after the
+    restart the webhook gets it exactly once. SIGKILL right after the webhook answered
+    200, before ``NotificationSent`` is recorded: the restarted hub cannot know it was
+    taken, so the webhook gets it twice, with the same idempotency key both times."""
+    async with serve_webhook() as sink:
+        with RedisServer(tmp_path / "monitored") as monitored:
+            path = tmp_path / "infra.yaml"
+            alerts_file(path, sink, port=monitored.port)
+            data = yaml.safe_load(path.read_text())
+            data["alerts"]["receivers"] = [{"name": "ops",
+                                            "webhook_configs": [{"url": sink.url()}]}]  # fmt: skip
+            path.write_text(yaml.safe_dump(data))
+            config = dataclasses.replace(hub_config, infra_config=str(path), infra_self=False,
+                                         infra_failures=2)  # fmt: skip
+            hub = HubProcess(config, tmp_path / "hub.log", env={"HUB_FAULTS": crash})
+            hub.start()
+            try:
+                await eventually(lambda: _answers(nc), timeout=PATIENCE)
+                await eventually(lambda: cache_healthy(nc), timeout=PATIENCE)
+                monitored.stop()
+                # The crash point kills it (not the test).
+                await eventually(lambda: hub.proc.poll() is not None, timeout=PATIENCE)
+                assert hub.proc.returncode == -signal.SIGKILL, hub.tail()
+                seen_before = len(sink.requests)
+                assert seen_before == (1 if crash == "notification_sent_unrecorded" else 0)
+                hub.env = {}
+                hub.start()
+                await eventually(lambda: len(sink.requests) >= seen_before + 1, timeout=PATIENCE)
+                await eventually(lambda: outbox_empty(config, nc), timeout=PATIENCE)
+            finally:
+                hub.stop()
+    keys = [r.headers["idempotency-key"] for r in sink.requests]
+    if crash == "notification_due_recorded":
+        assert len(keys) == 1  # exactly once
+    else:
+        assert len(keys) == 2 and keys[0] == keys[1]  # at least once, one key
+    assert all(r.body["status"] == "firing" for r in sink.requests)
+
+
+async def _log_events(config, nc) -> list[Any]:
+    log = make_event_log(config, nc, read_only=True)
+    await log.start()
+    try:
+        return [r.event async for records in log.read(None, follow=False) for r in records]
+    finally:
+        await log.close()
+
+
+async def cache_healthy(nc) -> bool:
+    found = (await components(nc)).get("cache")
+    return bool(found and found["status"] == "HEALTHY")
+
+
+async def outbox_empty(config, nc) -> bool:
+    """Every notification due in the log has its NotificationSent (or was given up)."""
+    due, done = set(), set()
+    for e in await _log_events(config, nc):
+        if isinstance(e, NotificationDue):
+            due.add(e.notification_id)
+        elif type(e).__name__ == "NotificationSent" or (
+            type(e).__name__ == "NotificationFailed" and not e.next_attempt_at
+        ):
+            done.add(e.notification_id)
+    return bool(due) and due <= done
