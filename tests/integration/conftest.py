@@ -152,8 +152,15 @@ async def query_all(nc, subject: str, body: dict, timeout: float = 10.0) -> list
             return pairs
 
 
-async def eventually(check: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.1):
-    """Poll an async or sync check until it returns a truthy value; return that value."""
+async def eventually(
+    check: Callable[[], Any],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.1,
+    what: Callable[[], Any] | None = None,
+):
+    """Poll an async or sync check until it returns a truthy value; return that value.
+    ``what``: what to show of the situation when it times out."""
     deadline = time.monotonic() + timeout
     while True:
         result = check()
@@ -162,7 +169,8 @@ async def eventually(check: Callable[[], Any], *, timeout: float = 20.0, interva
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {check}")
+            seen = f"; {what()!r}" if what is not None else ""
+            raise AssertionError(f"condition not met within {timeout}s: {check}{seen}")
         await asyncio.sleep(interval)
 
 

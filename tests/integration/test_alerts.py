@@ -26,6 +26,7 @@ from hub.stack import RedisServer
 from tests.integration.conftest import HubProcess, eventually, query
 from tests.integration.test_crash import _answers
 from tests.integration.test_infra_monitor import component, components
+from tests.integration.test_outage import _jetstream_capture, _kafka_down, _kafka_up
 from tests.integration.webhook_sink import WebhookSink, serve_webhook
 
 PATIENCE = 60.0
@@ -339,3 +340,85 @@ async def outbox_empty(config, nc) -> bool:
         ):
             done.add(e.notification_id)
     return bool(due) and due <= done
+
+
+@pytest.mark.parametrize("fault", ["kafka-kill", "jetstream-unwritable"])
+async def test_the_event_log_down_is_heard_out_of_band_and_recorded_once_it_is_back(
+    request, tmp_path, start_hub, nc, fault
+):
+    """The event log cannot be written (the Kafka broker SIGKILLed; the JetStream log's
+    stream no longer capturing): the alert cannot be recorded first, yet a subscriber on
+    ``hub.alerts.>`` hears it while the log is still down, after the rule's ``for`` and
+    ``group_wait``. Once the log is back the alert is recorded once (fired late), the
+    notification said out of band is recorded as sent (not said again), and the webhook,
+    which is not told out of band, hears of it once, resolved, from the outbox."""
+    kind = "jetstream" if fault.startswith("jetstream") else "kafka"
+    kafka = request.getfixturevalue("kafka_server") if kind == "kafka" else None
+    heard = Heard()
+    await heard.start(nc)
+    rules = [
+        {
+            "alert": "EventLogDown",
+            "source": "event_log_down",
+            "for": "1s",
+            "severity": "critical",
+            "annotations": {"summary": "the {log} log is down"},
+        }
+    ]
+    async with serve_webhook() as sink:
+        with RedisServer(tmp_path / "monitored") as monitored:
+            path = alerts_file(tmp_path / "infra.yaml", sink, port=monitored.port, rules=rules)
+            hub = await start_hub(
+                infra_config=path, infra_self=False, infra_failures=2, log_stall_s=0.5,
+                event_log=kind, **({"kafka_brokers": (kafka.bootstrap,),
+                                    "kafka_topic": request.getfixturevalue("kafka_topic")}
+                                   if kafka else {}),
+            )  # fmt: skip
+            await eventually(lambda: hub.ingest.state.infra.components["cache"].status
+                             == "HEALTHY", timeout=PATIENCE)  # fmt: skip
+            if kafka is not None:
+                _kafka_down(kafka, "kill")
+            else:
+                await _jetstream_capture(nc, on=False)
+            try:
+                await eventually(lambda: heard.statuses() == ["firing"], timeout=PATIENCE)
+                stalled_since = hub.status.log_stalled_since
+                assert stalled_since is not None  # heard while the log is still down
+                heard_at = hub.clock()
+                assert heard_at - stalled_since >= 1.0 + 1.0  # for + group_wait
+                subject, body = heard.notifications[0]
+                assert subject == "hub.alerts._hub.critical"
+                assert body["alerts"][0]["annotations"]["summary"] == f"the {kind} log is down"
+                assert sink.requests == []  # the webhook is not told out of band
+            finally:
+                if kafka is not None:
+                    await _kafka_up(kafka, "kill")
+                else:
+                    await _jetstream_capture(nc, on=True)
+            # The webhook was not told out of band; the outage is over when the log is back,
+            # so it hears it once, as resolved, with its start and end.
+            await eventually(
+                lambda: statuses(sink) == ["resolved"],
+                timeout=120,
+                what=lambda: (statuses(sink), heard.statuses(), hub.status.log_stalled_since),
+            )
+            await eventually(lambda: all_sent(hub), timeout=PATIENCE)
+    events = await recorded_all(hub)
+    fired = [e for e in events if isinstance(e, AlertFiring) and e.rule == "EventLogDown"]
+    assert len(fired) == 1 and fired[0].recorded_late
+    assert fired[0].active_since == stalled_since
+    resolved = [e for e in events if isinstance(e, AlertResolved) and e.rule == "EventLogDown"]
+    assert len(resolved) == 1
+    sent = [e for e in events if type(e).__name__ == "NotificationSent" and e.out_of_band]
+    assert [s.receiver for s in sent] == ["ops/nats/0"]
+    # Heard once firing (out of band, not again from the outbox), then resolved.
+    assert heard.statuses() == ["firing", "resolved"]
+    [told] = sink.requests[0].body["alerts"]
+    assert told["status"] == "resolved" and told["labels"]["log"] == kind
+
+
+async def recorded_all(hub) -> list[Any]:
+    out = []
+    async for records in hub.event_log.read(None, follow=False):
+        out += [r.event for r in records]
+    return out
