@@ -45,7 +45,7 @@ from events.model import (
 from projections.canonical import differences
 from projections.fold import fold_view
 from projections.port import ViewLost
-from projections.postgres import PostgresRegistryProjection
+from projections.postgres import WRITTEN_TABLES, PostgresRegistryProjection
 from projections.postgres_render import expected_pg
 from projections.redis import RedisRegistryProjection
 from projections.redis_render import canonical_redis, expected_redis
@@ -54,11 +54,7 @@ from tests.strategies import EVENTS, HEARTBEAT
 
 PARTITIONS = 2
 KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
-RESET_PG = (
-    "TRUNCATE service_registry, input_rejections, health_history, infra_status,"
-    " infra_history, infra_config, infra_checks;"
-    " DELETE FROM projection_checkpoints"
-)
+RESET_PG = f"TRUNCATE {', '.join(WRITTEN_TABLES)}; DELETE FROM projection_checkpoints"
 
 
 def partition_of(event: Event) -> int:
