@@ -463,9 +463,10 @@ def partition_key(event: Event) -> str:
 
     Every event about one instance shares a key, so a keyed log (Kafka) keeps
     them in order; so do the events about one alert (``alert/<fingerprint>``), one
-    silence (``silence/<id>``) and one notification (``notification/<id>``), whatever
-    tenant each is recorded under (a notification's tries are the hub's, ``_hub``; its
-    alerts' tenant may be another): the views fold each of them in its own order.
+    silence (``silence/<id>``), one notification (``notification/<id>``) and the
+    alerting configuration (``alert-rules``), whatever tenant each is recorded under (a
+    notification's tries are the hub's, ``_hub``; its alerts' tenant may be another):
+    the views fold each of them in its own order.
     Events that are about none of these (infrastructure events included: they stay in
     order with the configuration that lists them) are keyed by tenant.
     """
@@ -479,6 +480,8 @@ def partition_key(event: Event) -> str:
         return f"silence/{event.silence_id}"
     if isinstance(event, NotificationDue | NotificationSent | NotificationFailed):
         return f"notification/{event.notification_id}"
+    if isinstance(event, AlertRulesLoaded):
+        return "alert-rules"
     return f"{event.tenant}/-"
 
 

@@ -50,7 +50,7 @@ from projections.postgres_render import expected_pg
 from projections.redis import RedisRegistryProjection
 from projections.redis_render import canonical_redis, expected_redis
 from tests.integration.conftest import eventually
-from tests.strategies import EVENTS, HEARTBEAT
+from tests.strategies import ALERTS, EVENTS, HEARTBEAT
 
 PARTITIONS = 2
 KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
@@ -166,6 +166,15 @@ class ProjectionMachine(RuleBasedStateMachine):
     @rule(events=st.lists(EVENTS, min_size=1, max_size=5))
     def append(self, events: list[Event]) -> None:
         """New events are recorded (ids as ingest derives them: ``ingress-<seq>``)."""
+        self._record(events)
+
+    @rule(events=st.lists(ALERTS, min_size=1, max_size=5))
+    def append_alerts(self, events: list[Event]) -> None:
+        """Alert events only (episodes, silences, notifications of a few alerts), so that
+        those of one alert meet more often than among all the others."""
+        self._record(events)
+
+    def _record(self, events: list[Event]) -> None:
         for e in events:
             seq = len(self.log) + 1
             self._append(msgspec.structs.replace(e, event_id=f"ingress-{seq}", ingress_seq=seq))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from events.model import Event
@@ -201,8 +201,23 @@ def _row(columns: tuple[str, ...], row: tuple[Any, ...]) -> dict[str, Any]:
     return dict(zip(columns, row, strict=True))
 
 
+_OPENED = [alert_pending("f1", 1), alert_firing("f1", 2, since=ALERT_T0 + 1),
+           alert_inhibited("f1", 3, by="f2"), alert_firing("f2", 4),
+           silence_created("s1", 5, matchers=DOWN, starts_at=0, ends_at=2e9),
+           notification_due("n1", 6, firing=["f1"])]  # fmt: skip
+
+
 @settings(max_examples=400)
 @given(st.lists(ALERTS, max_size=25), st.lists(ALERTS, max_size=15))
+# Each kind of event that changes a row a batch does not create, alone in its batch.
+@example(_OPENED, [alert_uninhibited("f1", 7, by="f2")])
+@example(_OPENED, [alert_acknowledged("f1", 7)])
+@example(_OPENED, [alert_resolved("f1", 7, since=ALERT_T0 + 1)])
+@example(_OPENED, [alert_firing("f1", 7)])  # supersedes the open episode
+@example([*_OPENED, alert_resolved("f2", 7, since=ALERT_T0 + 4)], [alert_firing("f2", 4)])
+@example(_OPENED, [silence_expired("s1", 7)])
+@example(_OPENED, [notification_failed("n1", 7, attempt=1, next_attempt_at=0.0)])
+@example(_OPENED, [notification_sent("n1", 7)])
 def test_folding_a_batch_over_the_rows_it_touches_gives_the_whole_fold(
     history: list[Event], batch: list[Event]
 ) -> None:
