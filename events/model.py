@@ -462,15 +462,31 @@ def partition_key(event: Event) -> str:
     """The ordering key of an event in the log: tenant/service/instance.
 
     Every event about one instance shares a key, so a keyed log (Kafka) keeps
-    them in order; events that are about no instance (infrastructure events
-    included: they stay in order with the configuration that lists them) are
-    keyed by tenant.
+    them in order; so do the events about one alert (``alert/<fingerprint>``), one
+    silence (``silence/<id>``), one notification (``notification/<id>``) and the
+    alerting configuration (``alert-rules``), whatever tenant each is recorded under (a
+    notification's tries are the hub's, ``_hub``; its alerts' tenant may be another):
+    the views fold each of them in its own order.
+    Events that are about none of these (infrastructure events included: they stay in
+    order with the configuration that lists them) are keyed by tenant.
     """
     service = getattr(event, "service_name", None)
     instance = getattr(event, "instance_id", None)
     if service is not None and instance is not None:
         return f"{event.tenant}/{service}/{instance}"
+    if isinstance(event, _ALERT_KEYED):
+        return f"alert/{event.fingerprint}"
+    if isinstance(event, SilenceCreated | SilenceExpired):
+        return f"silence/{event.silence_id}"
+    if isinstance(event, NotificationDue | NotificationSent | NotificationFailed):
+        return f"notification/{event.notification_id}"
+    if isinstance(event, AlertRulesLoaded):
+        return "alert-rules"
     return f"{event.tenant}/-"
+
+
+_ALERT_KEYED = (AlertPending, AlertFiring, AlertResolved, AlertInhibited, AlertUninhibited,
+                AlertAcknowledged)  # fmt: skip
 
 
 def compaction_key(event: Event) -> str | None:

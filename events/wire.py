@@ -307,6 +307,48 @@ class InfrastructureQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unkn
     correlation_id: CorrelationId | None = None
 
 
+LabelName = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+LabelValue = Annotated[str, msgspec.Meta(max_length=1024)]
+# A point in time: ISO 8601 (``2025-06-15T12:00:00Z``) or seconds since the epoch.
+TimeArg = Annotated[str, msgspec.Meta(max_length=64)] | float
+
+
+class MatcherArg(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A label matcher given as an object (the string form: ``name="value"``...)."""
+
+    name: LabelName
+    op: Literal["=", "!=", "=~", "!~"]
+    value: LabelValue
+
+
+class AlertsQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """``hub.query.alerts``: the alert history (PostgreSQL), newest first.
+
+    ``include``: ``alerts`` (default), ``notifications`` or ``silences``. ``state``:
+    for alerts ``active`` (default: pending or firing), ``firing``, ``pending``,
+    ``resolved``, ``all``; for notifications ``all`` (default), ``due``, ``sent``,
+    ``retrying``, ``failed``; for silences ``active`` (default), ``pending``,
+    ``expired``, ``all``. ``labels`` (equal values) and ``matchers`` (Alertmanager's:
+    ``name="v"``, ``name!="v"``, ``name=~"re"``, ``name!~"re"``, or objects) filter on
+    an alert's labels, a notification's group labels. ``since``/``until``: alerts
+    active at some time between them, notifications due between them.
+    """
+
+    include: Literal["alerts", "notifications", "silences"] = "alerts"
+    state: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    severity: Annotated[str, msgspec.Meta(max_length=32)] | None = None
+    labels: Annotated[dict[LabelName, LabelValue], msgspec.Meta(max_length=32)] = {}
+    matchers: Annotated[
+        list[Annotated[str, msgspec.Meta(max_length=1200)] | MatcherArg],
+        msgspec.Meta(max_length=32),
+    ] = []
+    since: TimeArg | None = None
+    until: TimeArg | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 100
+    min_seq: SeqNo | None = None
+    correlation_id: CorrelationId | None = None
+
+
 class StatusQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """``hub.query.status``: the hub's own health (role, event log, ingress backlog)."""
 
@@ -314,8 +356,9 @@ class StatusQuery(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
 
 
 Q = TypeVar(
-    "Q", ServicesQuery, ServiceQuery, InstancesQuery, HealthQuery, InfrastructureQuery, StatusQuery
-)
+    "Q", ServicesQuery, ServiceQuery, InstancesQuery, HealthQuery, InfrastructureQuery,
+    AlertsQuery, StatusQuery,
+)  # fmt: skip
 
 
 class StandardResponse(msgspec.Struct, kw_only=True, omit_defaults=False):

@@ -6,7 +6,8 @@ cache, how long check results are kept) reads the same everywhere:
 
 * NATS through ``hub.natsconn`` (``HubClient``: a read loop that survives subjects
   that are not UTF-8): ``connect_nats``, ``log_nats``;
-* PostgreSQL: ``connect_postgres`` (an asyncpg pool, waiting for the server);
+* PostgreSQL: ``connect_postgres`` (an asyncpg pool, waiting for the server) and
+  ``query_postgres`` (the query servers' pool: connects on first use);
 * Redis: ``redis_client`` (the views' writer, the readers of ``hub replay``) and
   ``query_redis`` (the query servers' bounded pool);
 * the event log (JetStream or Kafka, read-only for readers): ``make_event_log``;
@@ -88,6 +89,18 @@ async def connect_postgres(config: HubConfig, *, timeout: float = 30.0) -> async
                 raise
             log.info("postgres_not_ready", error=repr(exc))
             await asyncio.sleep(0.5)
+
+
+async def query_postgres(config: HubConfig) -> asyncpg.Pool:
+    """The query servers' pool (``hub.query.alerts``): no connection until a query needs
+    one (a query server starts without the database), a connection per query let in
+    (``MAX_WORKING`` + ``MAX_FAST``) and 2 more, connecting and every statement under the
+    query timeout."""
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        config.postgres_dsn, min_size=0, max_size=MAX_WORKING + MAX_FAST + 2,
+        timeout=config.query_timeout_s, command_timeout=config.query_timeout_s,
+    )  # fmt: skip
+    return pool
 
 
 # --- Redis ----------------------------------------------------------------------------------

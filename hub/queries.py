@@ -1,5 +1,8 @@
 """``hub.query.*`` responders: request-reply over NATS, StandardResponse replies.
 
+They answer from the Redis view, except ``hub.query.alerts`` (the alert history, kept
+in PostgreSQL only: ``projections.alert_read``).
+
 Subjects are ``hub.query.<view>`` (tenant ``default``) or
 ``hub.query.<view>.<tenant>``. Each request is handled in its own task, so a
 request waiting for ``min_seq`` never holds up the others. They run in query-server
@@ -29,6 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -41,6 +45,7 @@ from events.names import is_name
 from events.subjects import QUERY_PREFIX, query_route
 from events.vocab import Condition, InfraStatus
 from events.wire import (
+    AlertsQuery,
     HealthQuery,
     InfrastructureQuery,
     InstancesQuery,
@@ -55,6 +60,7 @@ from events.wire import (
 from hub.config import HubConfig
 from hub.metrics import Metrics
 from hub.progress import Progress
+from projections.alert_read import alert_filter, read_alerts, read_notifications, read_silences
 from projections.keys import index_member, split_member
 from projections.port import REBUILDING
 from projections.redis_read import (
@@ -79,6 +85,10 @@ from projections.redis_read import (
 log = structlog.get_logger(__name__)
 
 REDIS_VIEW = "redis-registry"
+POSTGRES_VIEW = "postgres-registry"
+# PostgreSQL that cannot be reached, is starting or is full (a query timeout is TimeoutError).
+_PG_UNREACHABLE = (OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError,
+                   asyncpg.TooManyConnectionsError, asyncpg.InterfaceError)  # fmt: skip
 # Queries accepted at once (those waiting for min_seq included); more are answered BUSY.
 MAX_IN_FLIGHT = 256
 # Queries working on the store at once, at most. The store (one Redis thread) serves
@@ -286,7 +296,9 @@ class QueryService:
     """Answers ``hub.query.*`` from the live views.
 
     ``status_details``: the answer to ``hub.query.status``; ``degraded_note``: a note
-    every reply carries while its data may be stale (None: none).
+    every reply carries while its data may be stale (None: none); ``postgres``: the pool
+    ``hub.query.alerts`` reads with (None: it answers UNAVAILABLE); ``clock``: the time
+    silences are judged at.
     """
 
     def __init__(
@@ -299,8 +311,12 @@ class QueryService:
         status_details: Callable[[], Awaitable[dict[str, Any]]] | None = None,
         degraded_note: Callable[[], str | None] | None = None,
         admission: Admission | None = None,
+        postgres: asyncpg.Pool | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._redis = redis
+        self._postgres = postgres
+        self._clock = clock
         self._status_details = status_details
         self._degraded_note = degraded_note
         self._config = config
@@ -316,6 +332,7 @@ class QueryService:
             "instances": self._instances,
             "health": self._health,
             "infrastructure": self._infrastructure,
+            "alerts": self._alerts,
             "status": self._hub_status,
         }
         self._round_robin: dict[tuple[str, ...], int] = {}
@@ -443,15 +460,15 @@ class QueryService:
             budget.finish(measured=measured)
             _BUDGET.reset(token)
 
-    async def _await_seq(self, min_seq: int | None) -> None:
+    async def _await_seq(self, min_seq: int | None, view: str = REDIS_VIEW) -> None:
         if min_seq is None or min_seq == 0:
             return
-        if self._progress.reflects(REDIS_VIEW, min_seq):
+        if self._progress.reflects(view, min_seq):
             return
         budget = _BUDGET.get()
         if budget is not None:
             budget.pause()
-        if not await self._progress.wait(REDIS_VIEW, min_seq, self._config.min_seq_wait_s):
+        if not await self._progress.wait(view, min_seq, self._config.min_seq_wait_s):
             raise QueryError(
                 "NOT_YET_PROCESSED",
                 f"the view does not reflect ingress sequence {min_seq} yet "
@@ -687,6 +704,35 @@ class QueryService:
                          if c["critical"] and c["status"] == InfraStatus.UNHEALTHY]  # fmt: skip
         data = {"components": components, "by_status": summary, "critical_unhealthy": critical_down}
         return Answer(data, q.correlation_id)
+
+    async def _alerts(self, tenant: str, payload: bytes) -> Answer:
+        """The alert history (PostgreSQL): the tenant's alerts (and the shared ones), its
+        notifications, or the silences (``include``), newest first; metadata ``count``
+        and ``more`` (more match than the ``limit``, or than one answer examines)."""
+        q = parse_query(payload, AlertsQuery)
+        wanted = alert_filter(q)
+        await self._await_seq(q.min_seq, POSTGRES_VIEW)
+        if self._postgres is None:
+            raise QueryError("UNAVAILABLE", "this query server reads no PostgreSQL view")
+        try:
+            async with self._postgres.acquire() as conn:
+                now = self._clock()
+                if wanted.include == "notifications":
+                    data, more = await read_notifications(conn, tenant, wanted)
+                elif wanted.include == "silences":
+                    data, more = await read_silences(conn, tenant, wanted, now)
+                else:
+                    data, more = await read_alerts(conn, tenant, wanted, now)
+        except asyncpg.UndefinedTableError:
+            raise QueryError(
+                "UNAVAILABLE",
+                "the alert tables are not created yet (the views"
+                " process creates them as it starts); retry shortly",
+            ) from None
+        except _PG_UNREACHABLE as exc:
+            raise QueryError("UNAVAILABLE", f"the alert history cannot be read: {exc}") from None
+        return Answer(data, q.correlation_id, {"count": len(data), "more": more,
+                                               "include": wanted.include})  # fmt: skip
 
     async def _hub_status(self, tenant: str, payload: bytes) -> Answer:
         """The hub's own health (any tenant may ask): ``HEALTHY`` or ``DEGRADED`` with the

@@ -1,6 +1,7 @@
 """Query servers: the processes that answer ``hub.query.*``, off the hub's ingest loop.
 
-A query server is stateless: it reads the views (Redis), subscribes to
+A query server is stateless: it reads the views (Redis; PostgreSQL for the alert
+history, ``hub.query.alerts``), subscribes to
 ``hub.query.>`` in the queue group ``hub-query`` (so any number of them share the
 work, wherever they run), and follows the hub's progress feed
 (``hub.progress.ProgressFollower``) for read-your-writes (``min_seq``) and for
@@ -32,6 +33,7 @@ import struct
 import time
 from typing import Any
 
+import asyncpg
 import redis.asyncio as aioredis
 import structlog
 from nats.aio.client import Client
@@ -64,6 +66,7 @@ class QueryServer:
         self.follower = ProgressFollower(self.progress, monotonic=monotonic)
         self.nc: Client | None = None
         self.redis: aioredis.Redis | None = None
+        self.postgres: asyncpg.Pool | None = None
         self.queries: QueryService | None = None
         self.started_at = time.time()
 
@@ -73,10 +76,12 @@ class QueryServer:
             c, f"central-hub-query-{os.getpid()}", max_reconnect_attempts=-1
         )
         self.redis = bootstrap.query_redis(c)
+        self.postgres = await bootstrap.query_postgres(c)
         await self.follower.start(self.nc)
         self.queries = QueryService(self.redis, c, progress=self.progress, metrics=self.metrics,
                                     status_details=self.status,
-                                    degraded_note=self.degraded_note)  # fmt: skip
+                                    degraded_note=self.degraded_note,
+                                    postgres=self.postgres)  # fmt: skip
         await self.queries.start(self.nc)
         log.info("query_server_started", pid=os.getpid(), hub=self.follower.hub)
 
@@ -150,6 +155,11 @@ class QueryServer:
         if self.redis is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.redis.aclose(), 2)
+        if self.postgres is not None:
+            try:
+                await asyncio.wait_for(self.postgres.close(), 2)
+            except Exception:  # a connection that does not close in time: dropped
+                self.postgres.terminate()
         log.info("query_server_stopped", pid=os.getpid(), **self.metrics.snapshot())
 
 

@@ -17,6 +17,7 @@ from typing import get_args
 
 from events.log import LogRecord
 from events.model import (
+    ALERT_EVENTS,
     HEALTH_EVENTS,
     INFRA_EVENTS,
     Event,
@@ -38,6 +39,7 @@ _INSTANCE_TYPES = frozenset(get_args(InstanceEvent))
 _MEMBERSHIP_TYPES = frozenset(MEMBERSHIP_EVENTS)
 _HEALTH_TYPES = frozenset(HEALTH_EVENTS)
 _INFRA_TYPES = frozenset(INFRA_EVENTS)
+_ALERT_TYPES = frozenset(ALERT_EVENTS)
 
 
 @dataclass(slots=True)
@@ -57,6 +59,7 @@ class BatchPlan:
         preservation: each tenant's self-preservation as the batch leaves it: the
             period started, or None (ended); tenants the batch does not mention absent.
         infra: infrastructure events.
+        alerts: alert events (``projections.alert_view`` folds them).
     """
 
     instances: dict[InstanceKey, bool] = field(default_factory=dict)
@@ -67,6 +70,7 @@ class BatchPlan:
     health: list[Event] = field(default_factory=list)
     preservation: dict[str, SelfPreservationStarted | None] = field(default_factory=dict)
     infra: list[Event] = field(default_factory=list)
+    alerts: list[Event] = field(default_factory=list)
 
 
 def plan_batch(records: Sequence[LogRecord]) -> BatchPlan:
@@ -100,6 +104,8 @@ def plan_batch(records: Sequence[LogRecord]) -> BatchPlan:
                 plan.preservation[e.tenant] = None
         elif kind in _INFRA_TYPES:
             plan.infra.append(e)
+        elif kind in _ALERT_TYPES:
+            plan.alerts.append(e)
     return plan
 
 

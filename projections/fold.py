@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from events.model import (
+    ALERT_EVENTS,
     HEALTH_EVENTS,
     Event,
     HeartbeatReceived,
@@ -21,6 +22,7 @@ from events.model import (
 from events.names import INFRA_TENANT
 from handlers.ledger import SeqLedger
 from handlers.registry import RegistryState, evolve
+from projections.alert_view import AlertView
 
 
 class Unrecorded(SeqLedger):
@@ -39,12 +41,14 @@ def view_registry() -> RegistryState:
 
 @dataclass
 class ViewState:
-    """The registry fold plus what only the views keep (every rejection)."""
+    """The registry fold plus what only the views keep: every rejection, the health and
+    infrastructure histories, the alert history (``projections.alert_view``)."""
 
     registry: RegistryState = field(default_factory=view_registry)
     rejections: dict[str, InputRejected] = field(default_factory=dict)
     history: dict[str, Event] = field(default_factory=dict)
     infra_history: dict[str, InfraStatusChanged] = field(default_factory=dict)
+    alerts: AlertView = field(default_factory=AlertView)
 
     def apply(self, event: Event) -> None:
         evolve(self.registry, event)
@@ -56,6 +60,8 @@ class ViewState:
             self.history[event.event_id] = event
         elif isinstance(event, InfraStatusChanged):
             self.infra_history[event.event_id] = event
+        elif isinstance(event, ALERT_EVENTS):
+            self.alerts.apply(event)
 
 
 def fold_view(events: Iterable[Event]) -> ViewState:

@@ -1,6 +1,7 @@
 """PostgreSQL projection of the registry (``service_registry``, ``input_rejections``,
-``health_history``) and of the infrastructure (``infra_status``, ``infra_history``,
-``infra_config``; plus the ``infra_checks`` journal).
+``health_history``), of the infrastructure (``infra_status``, ``infra_history``,
+``infra_config``; plus the ``infra_checks`` journal) and of the alerts (``alerts``,
+``alert_notifications``, ``alert_silences``, ``alert_config``).
 
 A batch is planned (``projections.batch``, as the Redis view does): folded over the
 rows it touches (from the projection's cache of what it last wrote, else read in one
@@ -27,31 +28,43 @@ from events.log import LogRecord, Positions, advance, unseen
 from events.model import Event, InfraChecked, InfraConfigLoaded, InfraStatusChanged
 from handlers.infra import InfraState, fold_infra
 from handlers.registry import GONE, Instance, InstanceKey
+from projections.alert_view import RESOLVED, AlertKeys, AlertView, keys_of
 from projections.batch import BatchPlan, fold_instances, plan_batch
 from projections.cache import InstanceCache
 from projections.canonical import HEARTBEAT_FIELDS, differences, from_json
 from projections.fold import ViewState
 from projections.port import ViewLost, ViewMismatch, behind
 from projections.postgres_render import (
+    ALERT_COLUMNS,
+    ALERT_CONFIG_COLUMNS,
     HISTORY_COLUMNS,
     INFRA_COLUMNS,
     INFRA_CONFIG_COLUMNS,
     INFRA_HISTORY_COLUMNS,
+    NOTIFICATION_COLUMNS,
     POSTGRES_RENDERING,
     REGISTRY_COLUMNS,
     REJECTION_COLUMNS,
+    SILENCE_COLUMNS,
+    alert_from_pg,
     canonical_pg,
     expected_pg,
     infra_from_pg,
     instance_from_pg,
+    notification_from_pg,
+    pg_alert_config_row,
+    pg_alert_row,
     pg_heartbeat_row,
     pg_history_row,
     pg_infra_config_row,
     pg_infra_history_row,
     pg_infra_row,
+    pg_notification_row,
     pg_registry_row,
     pg_rejection_row,
+    pg_silence_row,
     row_id,
+    silence_from_pg,
     ts,
 )
 from projections.schema import migrate
@@ -121,6 +134,11 @@ def _insert(table: str, columns: Sequence[str], conflict: str, update: bool = Fa
 _INFRA = _insert("infra_status", INFRA_COLUMNS, "component", update=True)
 _INFRA_HISTORY = _insert("infra_history", INFRA_HISTORY_COLUMNS, "event_id")
 _INFRA_CONFIG = _insert("infra_config", INFRA_CONFIG_COLUMNS, "id", update=True)
+_ALERT = _insert("alerts", ALERT_COLUMNS, "id", update=True)
+_NOTIFICATION = _insert("alert_notifications", NOTIFICATION_COLUMNS, "notification_id",
+                        update=True)  # fmt: skip
+_SILENCE = _insert("alert_silences", SILENCE_COLUMNS, "silence_id", update=True)
+_ALERT_CONFIG = _insert("alert_config", ALERT_CONFIG_COLUMNS, "id", update=True)
 _INFRA_CHECK = (
     "INSERT INTO infra_checks (event_id, component, status, response_time_ms, error, ts)"
     " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (event_id) DO NOTHING"
@@ -136,11 +154,17 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "infra_status": ("component", INFRA_COLUMNS),
     "infra_history": ("event_id", INFRA_HISTORY_COLUMNS),
     "infra_config": ("id", INFRA_CONFIG_COLUMNS),
+    "alerts": ("id", ALERT_COLUMNS),
+    "alert_notifications": ("notification_id", NOTIFICATION_COLUMNS),
+    "alert_silences": ("silence_id", SILENCE_COLUMNS),
+    "alert_config": ("id", ALERT_CONFIG_COLUMNS),
 }
 _REBUILD_LOCK_ID = 0x48554252  # "HUBR": one rebuild at a time across processes
 # Not a view of the fold (the log keeps only each component's latest result), so not
 # verified nor rebuilt: a journal of raw check results, pruned by age.
 JOURNAL = "infra_checks"
+# Every table the projection writes (what a test empties to lose the view).
+WRITTEN_TABLES = (*TABLES, JOURNAL)
 
 
 class PostgresRegistryProjection:
@@ -235,6 +259,7 @@ class PostgresRegistryProjection:
                 plan = plan_batch(todo)
                 written = await self._write(conn, plan)
                 await self._write_infra(conn, plan.infra)
+                await self._write_alerts(conn, plan.alerts)
                 new = advance(checkpoint, todo)
                 await conn.executemany(
                     _CHECKPOINT,
@@ -316,6 +341,57 @@ class PostgresRegistryProjection:
             await conn.executemany(_INFRA_CHECK, checks)
             await self._prune_journal(conn)
 
+    async def _write_alerts(self, conn: asyncpg.Connection, events: Sequence[Event]) -> None:
+        """Fold the batch's alert events over the rows they touch (``alert_view.keys_of``:
+        the open episodes of their alerts, the episodes, silences and notifications they
+        name); write the rows that changed."""
+        if not events:
+            return
+        view = await self._read_alerts(conn, keys_of(events))
+        episodes = {ep.id: pg_alert_row(ep) for ep in view.episodes.values()}
+        silences = {s.id: pg_silence_row(s) for s in view.silences.values()}
+        notifications = {n.id: pg_notification_row(n) for n in view.notifications.values()}
+        for e in events:
+            view.apply(e)
+        rows = [r for ep in view.episodes.values()
+                if (r := pg_alert_row(ep)) != episodes.get(ep.id)]  # fmt: skip
+        if rows:
+            # Closed episodes first: an alert's new episode may only open once the row of
+            # the one it supersedes says it is closed (the unique index ``alerts_open``).
+            state = ALERT_COLUMNS.index("state")
+            rows.sort(key=lambda r: r[state] != RESOLVED)
+            await conn.executemany(_ALERT, rows)
+        rows = [r for s in view.silences.values() if (r := pg_silence_row(s)) != silences.get(s.id)]
+        if rows:
+            await conn.executemany(_SILENCE, rows)
+        rows = [r for n in view.notifications.values()
+                if (r := pg_notification_row(n)) != notifications.get(n.id)]  # fmt: skip
+        if rows:
+            await conn.executemany(_NOTIFICATION, rows)
+        if view.config is not None:
+            await conn.execute(_ALERT_CONFIG, *pg_alert_config_row(view.config))
+
+    @staticmethod
+    async def _read_alerts(conn: asyncpg.Connection, keys: AlertKeys) -> AlertView:
+        """The rows ``keys`` names, locked, as an ``AlertView`` (empty: nothing to read)."""
+        if not keys:
+            return AlertView()
+        episodes = await conn.fetch(
+            f"SELECT {', '.join(ALERT_COLUMNS)} FROM alerts WHERE id = ANY($2::text[])"
+            f" OR (fingerprint = ANY($1::text[]) AND state <> '{RESOLVED}') FOR UPDATE",
+            sorted(keys.fingerprints), sorted(keys.episodes),
+        )  # fmt: skip
+        silences = await conn.fetch(
+            f"SELECT {', '.join(SILENCE_COLUMNS)} FROM alert_silences"
+            " WHERE silence_id = ANY($1::text[]) FOR UPDATE", sorted(keys.silences),
+        )  # fmt: skip
+        notifications = await conn.fetch(
+            f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM alert_notifications"
+            " WHERE notification_id = ANY($1::text[]) FOR UPDATE", sorted(keys.notifications),
+        )  # fmt: skip
+        return AlertView.of(map(alert_from_pg, episodes), map(silence_from_pg, silences),
+                            map(notification_from_pg, notifications))  # fmt: skip
+
     async def _prune_journal(self, conn: asyncpg.Connection) -> None:
         """Keep ``journal_days`` of raw check results (checked at most once a minute)."""
         now = self._clock()
@@ -393,7 +469,17 @@ class PostgresRegistryProjection:
             ("infra_config", INFRA_CONFIG_COLUMNS,
              [pg_infra_config_row(infra)] if infra.digest else []),
         )  # fmt: skip
-        for table, columns, records in infra_tables:
+        alerts = view.alerts
+        alert_tables: tuple[tuple[str, tuple[str, ...], list[tuple[Any, ...]]], ...] = (
+            ("alerts", ALERT_COLUMNS, [pg_alert_row(ep) for ep in alerts.episodes.values()]),
+            ("alert_notifications", NOTIFICATION_COLUMNS,
+             [pg_notification_row(n) for n in alerts.notifications.values()]),
+            ("alert_silences", SILENCE_COLUMNS,
+             [pg_silence_row(s) for s in alerts.silences.values()]),
+            ("alert_config", ALERT_CONFIG_COLUMNS,
+             [pg_alert_config_row(alerts.config)] if alerts.config else []),
+        )  # fmt: skip
+        for table, columns, records in infra_tables + alert_tables:
             await conn.copy_records_to_table(f"{table}{suffix}", records=records,
                                              columns=columns)  # fmt: skip
         problems = differences(expected_pg(view), await self._canonical(conn, suffix))

@@ -24,6 +24,7 @@ from events.model import (
 )
 from handlers.infra import InfraComponent, InfraState
 from handlers.registry import CRITICAL, EXPIRED, Instance
+from projections.alert_view import AlertConfig, Episode, Notification, Silence
 from projections.canonical import (
     CHECK_FIELDS,
     HEARTBEAT_FIELDS,
@@ -177,8 +178,104 @@ def pg_infra_config_row(infra: InfraState) -> tuple[Any, ...]:
     return (1, infra.digest, to_json(infra.service_dependencies))
 
 
+# --- alerts (``projections.alert_view``) ---------------------------------------------------
+
+ALERT_COLUMNS = (
+    "id", "fingerprint", "tenant_id", "rule", "severity", "state", "labels", "annotations",
+    "value", "active_since", "fired_at", "resolved_at", "resolve_reason", "inhibited_by",
+    "inhibited_by_rule", "inhibited_reason", "acknowledged_by", "acknowledged_at",
+    "acknowledged_comment",
+)  # fmt: skip
+NOTIFICATION_COLUMNS = (
+    "notification_id", "tenant_id", "receiver", "group_key", "group_labels",
+    "firing_fingerprints", "resolved_fingerprints", "epoch", "severity", "state", "due_at",
+    "sent_at", "attempts", "last_error", "next_attempt_at", "sent_detail", "out_of_band",
+)  # fmt: skip
+SILENCE_COLUMNS = (
+    "silence_id", "tenant_id", "matchers", "starts_at", "ends_at", "created_by", "comment",
+    "created_at", "expired_at", "expired_by", "expire_reason",
+)  # fmt: skip
+ALERT_CONFIG_COLUMNS = ("id", "digest", "source", "loaded_at")
+
+
+def _ts_or_none(seconds: float | None) -> datetime | None:
+    return None if seconds is None else ts(seconds)
+
+
+def _seconds(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+def pg_alert_row(ep: Episode) -> tuple[Any, ...]:
+    """One ``alerts`` row (an episode), in ALERT_COLUMNS order."""
+    return (
+        ep.id, ep.fingerprint, ep.tenant, ep.rule, ep.severity, ep.state, to_json(ep.labels),
+        to_json(ep.annotations), ep.value, ts(ep.active_since), _ts_or_none(ep.fired_at),
+        _ts_or_none(ep.resolved_at), ep.resolve_reason, ep.inhibited_by, ep.inhibited_by_rule,
+        ep.inhibited_reason, ep.acknowledged_by, _ts_or_none(ep.acknowledged_at),
+        ep.acknowledged_comment,
+    )  # fmt: skip
+
+
+def alert_from_pg(row: Mapping[str, Any]) -> Episode:
+    return Episode(
+        row["id"], row["fingerprint"], row["tenant_id"], row["rule"], row["severity"],
+        row["state"], from_json(row["labels"]), from_json(row["annotations"]),
+        row["active_since"].timestamp(), value=row["value"],
+        fired_at=_seconds(row["fired_at"]), resolved_at=_seconds(row["resolved_at"]),
+        resolve_reason=row["resolve_reason"], inhibited_by=row["inhibited_by"],
+        inhibited_by_rule=row["inhibited_by_rule"], inhibited_reason=row["inhibited_reason"],
+        acknowledged_by=row["acknowledged_by"],
+        acknowledged_at=_seconds(row["acknowledged_at"]),
+        acknowledged_comment=row["acknowledged_comment"],
+    )  # fmt: skip
+
+
+def pg_notification_row(n: Notification) -> tuple[Any, ...]:
+    """One ``alert_notifications`` row, in NOTIFICATION_COLUMNS order."""
+    return (
+        n.id, n.tenant, n.receiver, n.group_key, to_json(n.group_labels), to_json(n.firing),
+        to_json(n.resolved), n.epoch, n.severity, n.state, ts(n.due_at), _ts_or_none(n.sent_at),
+        n.attempts, n.last_error, _ts_or_none(n.next_attempt_at), n.detail, n.out_of_band,
+    )  # fmt: skip
+
+
+def notification_from_pg(row: Mapping[str, Any]) -> Notification:
+    return Notification(
+        row["notification_id"], row["tenant_id"], row["receiver"], row["group_key"],
+        from_json(row["group_labels"]), from_json(row["firing_fingerprints"]),
+        from_json(row["resolved_fingerprints"]), row["epoch"], row["severity"],
+        row["due_at"].timestamp(), state=row["state"], sent_at=_seconds(row["sent_at"]),
+        attempts=row["attempts"], last_error=row["last_error"],
+        next_attempt_at=_seconds(row["next_attempt_at"]), detail=row["sent_detail"],
+        out_of_band=row["out_of_band"],
+    )  # fmt: skip
+
+
+def pg_silence_row(s: Silence) -> tuple[Any, ...]:
+    """One ``alert_silences`` row, in SILENCE_COLUMNS order."""
+    return (s.id, s.tenant, to_json(s.matchers), ts(s.starts_at), ts(s.ends_at), s.created_by,
+            s.comment, ts(s.created_at), _ts_or_none(s.expired_at), s.expired_by,
+            s.expire_reason)  # fmt: skip
+
+
+def silence_from_pg(row: Mapping[str, Any]) -> Silence:
+    return Silence(
+        row["silence_id"], row["tenant_id"], from_json(row["matchers"]),
+        row["starts_at"].timestamp(), row["ends_at"].timestamp(), row["created_by"],
+        row["comment"], row["created_at"].timestamp(), expired_at=_seconds(row["expired_at"]),
+        expired_by=row["expired_by"], expire_reason=row["expire_reason"],
+    )  # fmt: skip
+
+
+def pg_alert_config_row(config: AlertConfig) -> tuple[Any, ...]:
+    return (1, config.digest, config.source, ts(config.loaded_at))
+
+
 JSONB_COLUMNS = frozenset({"metadata", "transport_preferences", "depends_on", "checks", "detail",
-                           "config", "service_dependencies"})  # fmt: skip
+                           "config", "service_dependencies", "labels", "annotations",
+                           "group_labels", "firing_fingerprints", "resolved_fingerprints",
+                           "matchers"})  # fmt: skip
 
 
 def _canonical_numbers(value: Any) -> Any:
@@ -235,6 +332,19 @@ def expected_pg(view: ViewState) -> dict[str, str]:
     if infra.digest:
         rows["infra_config/1"] = canonical_pg("infra_config", INFRA_CONFIG_COLUMNS,
                                               pg_infra_config_row(infra))  # fmt: skip
+    alerts = view.alerts
+    for ep in alerts.episodes.values():
+        rows[f"alerts/{ep.id}"] = canonical_pg("alerts", ALERT_COLUMNS, pg_alert_row(ep))
+    for n in alerts.notifications.values():
+        rows[f"alert_notifications/{n.id}"] = canonical_pg(
+            "alert_notifications", NOTIFICATION_COLUMNS, pg_notification_row(n)
+        )
+    for s in alerts.silences.values():
+        rows[f"alert_silences/{s.id}"] = canonical_pg("alert_silences", SILENCE_COLUMNS,
+                                                      pg_silence_row(s))  # fmt: skip
+    if alerts.config is not None:
+        rows["alert_config/1"] = canonical_pg("alert_config", ALERT_CONFIG_COLUMNS,
+                                              pg_alert_config_row(alerts.config))  # fmt: skip
     return rows
 
 

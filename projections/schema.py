@@ -1,4 +1,5 @@
-"""PostgreSQL schema of the registry view, as ordered, idempotent migrations."""
+"""PostgreSQL schema of the views (registry, infrastructure, alerts), as ordered, idempotent
+migrations."""
 
 from __future__ import annotations
 
@@ -125,6 +126,74 @@ MIGRATIONS: list[str] = [
     #    instead of writing the row elsewhere plus an entry in each of three indexes.
     """
     ALTER TABLE service_registry SET (fillfactor = 50);
+    """,
+    # 5: alerts (issue: alerting): every episode of every alert (resolved ones stay),
+    #    the notifications (the outbox, as sent or failed), the silences, and the
+    #    alerting configuration in force. An alert has one open episode at most.
+    """
+    CREATE TABLE alerts (
+        id                   text PRIMARY KEY,   -- fingerprint@active_since (microseconds)
+        fingerprint          text NOT NULL,
+        tenant_id            text NOT NULL,
+        rule                 text NOT NULL,
+        severity             text NOT NULL,
+        state                text NOT NULL,      -- pending, firing, resolved
+        labels               jsonb NOT NULL,
+        annotations          jsonb NOT NULL,
+        value                double precision,
+        active_since         timestamptz NOT NULL,
+        fired_at             timestamptz,
+        resolved_at          timestamptz,
+        resolve_reason       text NOT NULL,
+        inhibited_by         text,               -- the fingerprint of the muting alert
+        inhibited_by_rule    text NOT NULL,
+        inhibited_reason     text NOT NULL,
+        acknowledged_by      text,
+        acknowledged_at      timestamptz,
+        acknowledged_comment text NOT NULL
+    );
+    CREATE UNIQUE INDEX alerts_open ON alerts (fingerprint) WHERE state <> 'resolved';
+    CREATE INDEX alerts_fingerprint ON alerts (fingerprint, active_since);
+    CREATE INDEX alerts_tenant ON alerts (tenant_id, active_since DESC);
+    CREATE TABLE alert_notifications (
+        notification_id       text PRIMARY KEY,
+        tenant_id             text NOT NULL,
+        receiver              text NOT NULL,
+        group_key             text NOT NULL,
+        group_labels          jsonb NOT NULL,
+        firing_fingerprints   jsonb NOT NULL,
+        resolved_fingerprints jsonb NOT NULL,
+        epoch                 bigint NOT NULL,
+        severity              text NOT NULL,
+        state                 text NOT NULL,     -- due, sent, retrying, failed
+        due_at                timestamptz NOT NULL,
+        sent_at               timestamptz,
+        attempts              integer NOT NULL,
+        last_error            text NOT NULL,
+        next_attempt_at       timestamptz,
+        sent_detail           text NOT NULL,
+        out_of_band           boolean NOT NULL
+    );
+    CREATE INDEX alert_notifications_tenant ON alert_notifications (tenant_id, due_at DESC);
+    CREATE TABLE alert_silences (
+        silence_id     text PRIMARY KEY,
+        tenant_id      text NOT NULL,
+        matchers       jsonb NOT NULL,
+        starts_at      timestamptz NOT NULL,
+        ends_at        timestamptz NOT NULL,
+        created_by     text NOT NULL,
+        comment        text NOT NULL,
+        created_at     timestamptz NOT NULL,
+        expired_at     timestamptz,
+        expired_by     text NOT NULL,
+        expire_reason  text NOT NULL
+    );
+    CREATE TABLE alert_config (
+        id         integer PRIMARY KEY,
+        digest     text NOT NULL,
+        source     text NOT NULL,
+        loaded_at  timestamptz NOT NULL
+    );
     """,
 ]
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 T = TypeVar("T")
 
 INGRESS_KINDS = ("register", "heartbeat", "deregister")
-QUERY_VIEWS = ("services", "service", "instances", "health", "infrastructure")
+QUERY_VIEWS = ("services", "service", "instances", "health", "infrastructure", "alerts")
 MAX_BYTES = 60_000  # under the ingress stream's message limit (64 KiB)
 
 
@@ -221,6 +221,12 @@ def query(src: Source, view: str) -> dict[str, Any]:
                       "version": "1.2.3", "metadata": {"region": "eu-1", "w": 3}},
         "health": {"service_name": name(src)},
         "infrastructure": {"component": src.pick(("hub-nats", "hub-redis"))},
+        "alerts": {"state": src.pick(("active", "all", "resolved")), "severity": "critical",
+                   "labels": {"service": name(src)}, "limit": src.pick((1, 1000)),
+                   "matchers": [src.pick(('service="orders"', "alertname=~Serv.*",
+                                          {"name": "a", "op": "!~", "value": "x|y"}))],
+                   "since": src.pick(("2025-06-15T12:00:00Z", 1_750_000_000)),
+                   "until": src.pick(("2035-01-01", 2_050_000_000.5))},
     }[view]  # fmt: skip
     msg = {**common, **fields}
     required = {"service", "instances"}
@@ -653,6 +659,10 @@ NAMED_QUERIES: tuple[tuple[str, bytes], ...] = (
     ("instances", b'{"service_name":"orders","metadata":{"n":1' + b"0" * 400 + b"}}"),
     ("infrastructure", b'{"component":"a\\u0000b"}'),
     ("infrastructure", b'{"component":"a\x00b"}'),
+    ("alerts", b'{"matchers":["a=~\\"(\\""]}'),
+    ("alerts", b'{"since":"1e999999"}'),
+    ("alerts", b'{"since":1e308,"until":-1e308}'),
+    ("alerts", b'{"include":"silences","labels":{"a":"b"}}'),
     ("services", b'{"name":"orders","name":"\xff"}'),
     ("services", b'{"\\u0000min_seq\\r\\n":0}'),  # an unknown field, quoted in the reason
     ("services", b"\xef\xbb\xbf{}"),

@@ -21,6 +21,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from events.model import (
+    AlertAcknowledged,
+    AlertFiring,
+    AlertInhibited,
+    AlertPending,
+    AlertResolved,
+    AlertRulesLoaded,
+    AlertUninhibited,
     HeartbeatReceived,
     InfraChecked,
     InfraConfigLoaded,
@@ -28,8 +35,12 @@ from events.model import (
     InputRejected,
     InstanceHealthChanged,
     NotificationDue,
+    NotificationFailed,
+    NotificationSent,
     ServiceDeregistered,
     ServiceRegistered,
+    SilenceCreated,
+    SilenceExpired,
 )
 from hub.app import Hub
 from hub.config import HubConfig
@@ -344,3 +355,116 @@ def notification_due(
         group_labels={"alertname": "ServiceUnhealthy", "tenant": tenant}, firing=[alert],
         severity=severity,
     )  # fmt: skip
+
+
+# Alerts: ``fingerprint`` names the alert; ``n`` orders its events in time (T0 + 3000 + n).
+ALERT_T0 = T0 + 3000
+
+
+def _alert_fields(fingerprint: str, since: float, tenant: str, severity: str,
+                  service: str, rule: str) -> dict[str, Any]:  # fmt: skip
+    labels = {"alertname": rule, "severity": severity, "tenant": tenant, "service": service}
+    return {"tenant": tenant, "fingerprint": fingerprint, "rule": rule, "severity": severity,
+            "labels": labels, "annotations": {"summary": f"{service} is down"},
+            "active_since": since}  # fmt: skip
+
+
+def alert_pending(
+    fingerprint: str, n: int, *, since: float | None = None, tenant: str = "default",
+    severity: str = "critical", service: str = "svc-0", rule: str = "ServiceDown",
+) -> AlertPending:  # fmt: skip
+    """``fingerprint``'s condition became true at ``since`` (default: now, ALERT_T0 + n)."""
+    at = ALERT_T0 + n
+    fields = _alert_fields(fingerprint, at if since is None else since, tenant, severity,
+                           service, rule)  # fmt: skip
+    return AlertPending(event_id=f"pending-{fingerprint}-{n}", ts=at, value=1.0, **fields)
+
+
+def alert_firing(
+    fingerprint: str, n: int, *, since: float | None = None, tenant: str = "default",
+    severity: str = "critical", service: str = "svc-0", rule: str = "ServiceDown",
+) -> AlertFiring:  # fmt: skip
+    """``fingerprint`` fires (active since ``since``, default now: a rule without ``for``)."""
+    at = ALERT_T0 + n
+    fields = _alert_fields(fingerprint, at if since is None else since, tenant, severity,
+                           service, rule)  # fmt: skip
+    return AlertFiring(event_id=f"firing-{fingerprint}-{n}", ts=at, value=2.0, **fields)
+
+
+def alert_resolved(
+    fingerprint: str, n: int, *, since: float, tenant: str = "default",
+    severity: str = "critical", service: str = "svc-0", rule: str = "ServiceDown",
+    fired: bool = True,
+) -> AlertResolved:  # fmt: skip
+    return AlertResolved(event_id=f"resolved-{fingerprint}-{n}", ts=ALERT_T0 + n, fired=fired,
+                         reason="condition cleared", **_alert_fields(
+                             fingerprint, since, tenant, severity, service, rule))  # fmt: skip
+
+
+def alert_inhibited(
+    fingerprint: str, n: int, *, by: str, tenant: str = "default"
+) -> AlertInhibited:
+    return AlertInhibited(event_id=f"inhibited-{fingerprint}-{n}", tenant=tenant,
+                          ts=ALERT_T0 + n, fingerprint=fingerprint, by=by,
+                          by_rule="dependency", reason=f"{by} is down")  # fmt: skip
+
+
+def alert_uninhibited(
+    fingerprint: str, n: int, *, by: str, tenant: str = "default"
+) -> AlertUninhibited:
+    return AlertUninhibited(event_id=f"uninhibited-{fingerprint}-{n}", tenant=tenant,
+                            ts=ALERT_T0 + n, fingerprint=fingerprint, by=by)  # fmt: skip
+
+
+def alert_acknowledged(fingerprint: str, n: int, *, author: str = "ops",
+                       tenant: str = "default") -> AlertAcknowledged:  # fmt: skip
+    return AlertAcknowledged(event_id=f"ack-{fingerprint}-{n}", tenant=tenant, ts=ALERT_T0 + n,
+                             fingerprint=fingerprint, author=author, comment="on it")  # fmt: skip
+
+
+def silence_created(silence_id: str, n: int, *, matchers: list[dict[str, str]],
+                    starts_at: float, ends_at: float) -> SilenceCreated:  # fmt: skip
+    """A silence of the alerts matching every one of ``matchers`` (tenant ``_hub``)."""
+    return SilenceCreated(event_id=f"silence-{silence_id}", tenant="_hub", ts=ALERT_T0 + n,
+                          silence_id=silence_id, matchers=matchers, starts_at=starts_at,
+                          ends_at=ends_at, created_by="ops", comment="maintenance")  # fmt: skip
+
+
+def silence_expired(silence_id: str, n: int) -> SilenceExpired:
+    return SilenceExpired(event_id=f"silence-expired-{silence_id}", tenant="_hub",
+                          ts=ALERT_T0 + n, silence_id=silence_id, reason="expired early",
+                          expired_by="ops")  # fmt: skip
+
+
+def notification_due(notification_id: str, n: int, *, firing: list[str],
+                     resolved: tuple[str, ...] = (), severity: str = "critical",
+                     tenant: str = "default") -> NotificationDue:  # fmt: skip
+    """A notification to ``default/log/0`` of the alerts ``firing`` and ``resolved``."""
+    return NotificationDue(
+        event_id=f"due-{notification_id}", tenant=tenant, ts=ALERT_T0 + n,
+        notification_id=notification_id, receiver="default/log/0",
+        group_key=f"ServiceDown/{tenant}",
+        group_labels={"alertname": "ServiceDown", "tenant": tenant},
+        firing=[{"fingerprint": f} for f in firing],
+        resolved=[{"fingerprint": f} for f in resolved], severity=severity,
+    )  # fmt: skip
+
+
+def notification_sent(notification_id: str, n: int, *, attempt: int = 1) -> NotificationSent:
+    return NotificationSent(event_id=f"sent-{notification_id}", tenant="_hub", ts=ALERT_T0 + n,
+                            notification_id=notification_id, receiver="default/log/0",
+                            attempt=attempt, detail="logged")  # fmt: skip
+
+
+def notification_failed(notification_id: str, n: int, *, attempt: int,
+                        next_attempt_at: float) -> NotificationFailed:  # fmt: skip
+    """Try ``attempt`` failed; the next at ``next_attempt_at`` (0: given up)."""
+    return NotificationFailed(event_id=f"failed-{notification_id}-{attempt}", tenant="_hub",
+                              ts=ALERT_T0 + n, notification_id=notification_id,
+                              receiver="default/log/0", attempt=attempt, error="timed out",
+                              next_attempt_at=next_attempt_at)  # fmt: skip
+
+
+def alert_rules_loaded(digest: str) -> AlertRulesLoaded:
+    return AlertRulesLoaded(event_id=f"alert-rules-{digest}", tenant="_hub", ts=ALERT_T0,
+                            source="alerts.yaml", digest=digest)  # fmt: skip

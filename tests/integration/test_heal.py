@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from hub.replay import Connections, verify
+from projections.postgres import WRITTEN_TABLES
 from tests.integration.conftest import eventually, query
 from tests.integration.test_infra_monitor import component, dead_port, write_yaml
 from tests.integration.test_replay import hub_cli_async, live_traffic
@@ -103,10 +104,7 @@ async def wipe(view: str, pg, rds) -> None:
     if view == "redis":
         await rds.flushall()
     else:
-        await pg.execute(
-            "TRUNCATE service_registry, input_rejections, health_history, infra_status,"
-            " infra_history, infra_config, infra_checks, projection_checkpoints"
-        )
+        await pg.execute(f"TRUNCATE {', '.join(WRITTEN_TABLES)}, projection_checkpoints")
 
 
 @pytest.mark.parametrize("view", ["redis", "postgres"])

@@ -27,26 +27,34 @@ from events.model import Event
 from projections.canonical import component_subject, instance_subject
 from projections.fold import fold_view
 from projections.port import READY, REBUILDING, Projection, ViewLost
-from projections.postgres import PostgresRegistryProjection
+from projections.postgres import WRITTEN_TABLES, PostgresRegistryProjection
 from projections.redis import RedisRegistryProjection
 from projections.redis_read import read_view_state
 from tests.integration.conftest import (
+    ALERT_T0,
+    alert_firing,
+    alert_inhibited,
+    alert_pending,
+    alert_resolved,
+    alert_rules_loaded,
+    alert_uninhibited,
     deregistered,
     health_changed,
     heartbeat,
     infra_checked,
     infra_loaded,
     infra_status_changed,
+    notification_due,
+    notification_failed,
+    notification_sent,
     registered,
     rejected,
+    silence_created,
+    silence_expired,
 )
 
 # Every table the PostgreSQL view writes, and its checkpoints.
-WIPE_PG = (
-    "TRUNCATE service_registry, input_rejections, health_history, infra_status,"
-    " infra_history, infra_config, infra_checks;"
-    " DELETE FROM projection_checkpoints"
-)
+WIPE_PG = f"TRUNCATE {', '.join(WRITTEN_TABLES)}; DELETE FROM projection_checkpoints"
 
 
 # --- one harness per adapter -------------------------------------------------------------
@@ -161,10 +169,12 @@ def interleaved(*lanes: list[LogRecord]) -> list[LogRecord]:
 
 
 def mixed_log() -> list[LogRecord]:
-    """Every kind of record the views show, instances and infrastructure on two
+    """Every kind of record the views show, instances, infrastructure and alerts on three
     partitions: registrations in two tenants, heartbeats, a health change, a
     deregistration, rejected input, a configuration load, check results and a status
-    change."""
+    change; alert rules, an alert pending, firing, resolved and active again, another
+    inhibited and uninhibited, a silence created and expired, a notification due, failed
+    once and sent."""
     instances = on(0, [
         *[registered(n) for n in range(6)], registered(1, tenant="acme"),
         *[heartbeat(n, 1) for n in range(6)], health_changed(3, "degraded"), deregistered(2),
@@ -174,7 +184,18 @@ def mixed_log() -> list[LogRecord]:
         infra_loaded("pg", "kafka"), infra_checked("pg", 1), infra_status_changed("pg", "HEALTHY"),
         infra_checked("kafka", 1), infra_checked("pg", 2),
     ])  # fmt: skip
-    return interleaved(instances, infra)
+    since = ALERT_T0 + 1
+    alerts = on(2, [
+        alert_rules_loaded("d1"), alert_pending("f1", 1),
+        silence_created("s1", 2, matchers=[{"name": "service", "op": "=", "value": "svc-1"}],
+                        starts_at=ALERT_T0, ends_at=ALERT_T0 + 3600),
+        alert_firing("f1", 5, since=since), notification_due("n1", 6, firing=["f1"]),
+        alert_firing("f2", 6, service="svc-1"), alert_inhibited("f2", 7, by="f1"),
+        notification_failed("n1", 8, attempt=1, next_attempt_at=ALERT_T0 + 10),
+        alert_uninhibited("f2", 9, by="f1"), notification_sent("n1", 11, attempt=2),
+        alert_resolved("f1", 12, since=since), silence_expired("s1", 13), alert_pending("f1", 20),
+    ])  # fmt: skip
+    return interleaved(instances, infra, alerts)
 
 
 def expected(view: Projection, records: Sequence[LogRecord]) -> dict[str, str]:

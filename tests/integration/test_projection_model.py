@@ -45,20 +45,16 @@ from events.model import (
 from projections.canonical import differences
 from projections.fold import fold_view
 from projections.port import ViewLost
-from projections.postgres import PostgresRegistryProjection
+from projections.postgres import WRITTEN_TABLES, PostgresRegistryProjection
 from projections.postgres_render import expected_pg
 from projections.redis import RedisRegistryProjection
 from projections.redis_render import canonical_redis, expected_redis
 from tests.integration.conftest import eventually
-from tests.strategies import EVENTS, HEARTBEAT
+from tests.strategies import ALERTS, EVENTS, HEARTBEAT
 
 PARTITIONS = 2
 KILL_WITHIN = {"pg": 1000, "redis": 100}  # event-loop turns
-RESET_PG = (
-    "TRUNCATE service_registry, input_rejections, health_history, infra_status,"
-    " infra_history, infra_config, infra_checks;"
-    " DELETE FROM projection_checkpoints"
-)
+RESET_PG = f"TRUNCATE {', '.join(WRITTEN_TABLES)}; DELETE FROM projection_checkpoints"
 
 
 def partition_of(event: Event) -> int:
@@ -170,6 +166,15 @@ class ProjectionMachine(RuleBasedStateMachine):
     @rule(events=st.lists(EVENTS, min_size=1, max_size=5))
     def append(self, events: list[Event]) -> None:
         """New events are recorded (ids as ingest derives them: ``ingress-<seq>``)."""
+        self._record(events)
+
+    @rule(events=st.lists(ALERTS, min_size=1, max_size=5))
+    def append_alerts(self, events: list[Event]) -> None:
+        """Alert events only (episodes, silences, notifications of a few alerts), so that
+        those of one alert meet more often than among all the others."""
+        self._record(events)
+
+    def _record(self, events: list[Event]) -> None:
         for e in events:
             seq = len(self.log) + 1
             self._append(msgspec.structs.replace(e, event_id=f"ingress-{seq}", ingress_seq=seq))

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from hub.replay import Connections
+from projections.postgres import WRITTEN_TABLES
 from tests.integration.conftest import ROOT, eventually, query
 
 # A lease no test outlasts (the default TTL is 3 x 10 s heartbeats).
@@ -63,7 +64,7 @@ def checksums(out: str) -> dict[str, str]:
 
 async def wipe_views(pg, rds) -> None:
     """Throw both views away: every table the PostgreSQL projection writes, all keys."""
-    await pg.execute("TRUNCATE service_registry, input_rejections, health_history")
+    await pg.execute(f"TRUNCATE {', '.join(WRITTEN_TABLES)}")
     await pg.execute("DELETE FROM projection_checkpoints")
     await rds.flushdb()
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from events.log import LogRecord
 from events.model import (
+    ALERT_EVENTS,
     HEALTH_EVENTS,
     INFRA_EVENTS,
     Event,
@@ -53,7 +54,7 @@ def test_a_plan_puts_every_record_where_the_views_need_it(events: list[Event]) -
     included) to fold, each touched instance once in the order first touched (marked
     when only heartbeats touch it), the services whose membership may change, the
     tenants registering, rejections, the health history, each tenant's last word on
-    self-preservation, infrastructure events."""
+    self-preservation, infrastructure events, alert events."""
     events = numbered(events)
     plan = plan_batch(records(events))
     instance_events = [e for e in events if isinstance(e, INSTANCE_EVENTS)]
@@ -69,6 +70,7 @@ def test_a_plan_puts_every_record_where_the_views_need_it(events: list[Event]) -
     assert plan.rejections == [e for e in events if isinstance(e, InputRejected)]
     assert plan.health == [e for e in events if isinstance(e, HEALTH_EVENTS)]
     assert plan.infra == [e for e in events if isinstance(e, INFRA_EVENTS)]
+    assert plan.alerts == [e for e in events if isinstance(e, ALERT_EVENTS)]
     last_word: dict[str, SelfPreservationStarted | None] = {}
     for e in events:
         if isinstance(e, SelfPreservationStarted):
@@ -76,7 +78,8 @@ def test_a_plan_puts_every_record_where_the_views_need_it(events: list[Event]) -
         elif isinstance(e, SelfPreservationEnded):
             last_word[e.tenant] = None
     assert plan.preservation == last_word
-    kept = {id(e) for e in [*plan.instance_events, *plan.rejections, *plan.health, *plan.infra]}
+    kept = {id(e) for e in [*plan.instance_events, *plan.rejections, *plan.health, *plan.infra,
+                            *plan.alerts]}  # fmt: skip
     assert kept == {id(e) for e in events}, "a record the plan left out"
 
 

@@ -24,6 +24,7 @@ from events.model import Event, HeartbeatReceived, InputRejected, ServiceRegiste
 from events.translate import classify
 from events.wire import (
     MAX_DEPTH,
+    AlertsQuery,
     HealthQuery,
     InfrastructureQuery,
     IngressMessage,
@@ -36,6 +37,7 @@ from events.wire import (
     parse_query,
 )
 from hub.config import HubConfig
+from projections.alert_read import alert_filter
 from tests.fuzzing import (
     NAMED_INGRESS,
     NAMED_QUERIES,
@@ -60,6 +62,7 @@ QUERY_TYPES: dict[str, type[Any]] = {
     "instances": InstancesQuery,
     "health": HealthQuery,
     "infrastructure": InfrastructureQuery,
+    "alerts": AlertsQuery,
 }
 MAX_METADATA = 8 * 1024
 CONFIG = HubConfig(tenants=frozenset({"default", "acme"}))
@@ -167,10 +170,13 @@ def test_parse_query_returns_a_query_or_a_documented_wire_error(
     message: tuple[str, bytes],
 ) -> None:
     """``parse_query`` for each query type, on any bytes, returns the query or raises
-    ``WireError`` with MALFORMED_UTF8, MALFORMED_JSON or INVALID_REQUEST, nothing else."""
+    ``WireError`` with MALFORMED_UTF8, MALFORMED_JSON or INVALID_REQUEST, nothing else
+    (alerts: so does reading what the query asks for, ``alert_filter``)."""
     view, body = message
     try:
         q = parse_query(body, QUERY_TYPES[view])
+        if isinstance(q, AlertsQuery):
+            alert_filter(q)
     except WireError as exc:
         assert exc.code in QUERY_CODES, exc
         assert exc.reason and is_printable(exc.reason), exc
