@@ -462,11 +462,10 @@ def partition_key(event: Event) -> str:
     """The ordering key of an event in the log: tenant/service/instance.
 
     Every event about one instance shares a key, so a keyed log (Kafka) keeps
-    them in order; so do the events about one alert (``alert/<fingerprint>``), one
-    silence (``silence/<id>``), one notification (``notification/<id>``) and the
-    alerting configuration (``alert-rules``), whatever tenant each is recorded under (a
-    notification's tries are the hub's, ``_hub``; its alerts' tenant may be another):
-    the views fold each of them in its own order.
+    them in order. Every alerting event (``ALERTS_KEY``: alerts, silences, notifications,
+    the rules; not the hub's samples) shares one key whatever its tenant: the alert
+    fold (the hub's after a restart, the views') depends on their order across alerts,
+    since a group's notification lists several, and a silence mutes some of them.
     Events that are about none of these (infrastructure events included: they stay in
     order with the configuration that lists them) are keyed by tenant.
     """
@@ -475,18 +474,12 @@ def partition_key(event: Event) -> str:
     if service is not None and instance is not None:
         return f"{event.tenant}/{service}/{instance}"
     if isinstance(event, _ALERT_KEYED):
-        return f"alert/{event.fingerprint}"
-    if isinstance(event, SilenceCreated | SilenceExpired):
-        return f"silence/{event.silence_id}"
-    if isinstance(event, NotificationDue | NotificationSent | NotificationFailed):
-        return f"notification/{event.notification_id}"
-    if isinstance(event, AlertRulesLoaded):
-        return "alert-rules"
+        return ALERTS_KEY
     return f"{event.tenant}/-"
 
 
-_ALERT_KEYED = (AlertPending, AlertFiring, AlertResolved, AlertInhibited, AlertUninhibited,
-                AlertAcknowledged)  # fmt: skip
+ALERTS_KEY = "alerts/-"
+_ALERT_KEYED = tuple(t for t in ALERT_EVENTS if t is not HubSampled)
 
 
 def compaction_key(event: Event) -> str | None:

@@ -339,7 +339,7 @@ def infra_status_changed(
     )  # fmt: skip
 
 
-def notification_due(
+def notification_to(
     n: int, receiver: str, *, tenant: str = "acme", severity: str = "critical"
 ) -> NotificationDue:
     """Notification ``n-<n>`` to ``receiver`` of one alert ``ServiceUnhealthy`` firing on

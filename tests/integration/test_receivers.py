@@ -23,7 +23,7 @@ from events.model import Event, NotificationDue, NotificationFailed, Notificatio
 from handlers.alert_rules import AlertingConfig, Integration, Receiver
 from hub.alerts.dispatch import Dispatcher
 from hub.alerts.receivers import Delivery
-from tests.integration.conftest import eventually, notification_due
+from tests.integration.conftest import eventually, notification_to
 from tests.integration.webhook_sink import serve_webhook
 
 HOOK = "hook/webhook/0"
@@ -97,7 +97,7 @@ async def test_a_webhook_that_answers_2xx_gets_one_try_and_one_sent_is_submitted
     async with serve_webhook() as sink:
         receiver = webhook(sink.url(), headers={"X-Token": "abc"})
         async with running(receiver) as outbox:
-            outbox.dispatcher.offer(notification_due(1, HOOK))
+            outbox.dispatcher.offer(notification_to(1, HOOK))
             sent = await eventually(lambda: outbox.sent("n-1"))
     assert (sent.event_id, sent.receiver, sent.attempt, sent.detail) == (
         "n-1.sent",
@@ -123,7 +123,7 @@ async def test_failures_are_retried_with_the_same_key_and_retry_after_is_honoure
     the try after the 429 comes at least 2 s after it; then one ``NotificationSent``."""
     script = [500, 500, (429, {"Retry-After": "2"}), 200]
     async with serve_webhook(script) as sink, running(webhook(sink.url(), **FAST)) as outbox:
-        outbox.dispatcher.offer(notification_due(1, HOOK))
+        outbox.dispatcher.offer(notification_to(1, HOOK))
         sent = await eventually(lambda: outbox.sent("n-1"))
     assert sink.answered == [500, 500, 429, 200]
     assert {r.headers["idempotency-key"] for r in sink.requests} == {"n-1"}
@@ -144,7 +144,7 @@ async def test_a_client_error_is_given_up_at_once():
     """A 400 will be a 400 next time: one try, then ``NotificationFailed`` with
     ``next_attempt_at`` 0 (given up)."""
     async with serve_webhook([400]) as sink, running(webhook(sink.url(), **FAST)) as outbox:
-        outbox.dispatcher.offer(notification_due(1, HOOK))
+        outbox.dispatcher.offer(notification_to(1, HOOK))
         given_up = await eventually(lambda: outbox.given_up("n-1"))
         assert outbox.dispatcher.pending() == 0
     assert (given_up.attempt, given_up.error) == (1, "HTTP 400")
@@ -158,7 +158,7 @@ async def test_a_notification_is_given_up_after_max_attempts():
     async with serve_webhook([503] * 10) as sink:
         receiver = webhook(sink.url(), max_attempts=3, **FAST)
         async with running(receiver) as outbox:
-            outbox.dispatcher.offer(notification_due(1, HOOK))
+            outbox.dispatcher.offer(notification_to(1, HOOK))
             given_up = await eventually(lambda: outbox.given_up("n-1"))
             assert outbox.dispatcher.pending() == 0
     assert [f.next_attempt_at > 0 for f in outbox.failed("n-1")] == [True, True, False]
@@ -178,9 +178,9 @@ async def test_a_stuck_webhook_never_holds_up_a_nats_notification(nc, alerts_sub
         # A timeout far beyond the wait below: the first try stays in flight until ``hold``.
         running(webhook(sink.url(), timeout_s=120, **FAST), team, nc=nc) as outbox,
     ):
-        outbox.dispatcher.offer(notification_due(1, HOOK))
+        outbox.dispatcher.offer(notification_to(1, HOOK))
         await eventually(lambda: sink.requests)  # the webhook's first try is in flight
-        outbox.dispatcher.offer(notification_due(2, "team/nats/0", tenant="beta"))
+        outbox.dispatcher.offer(notification_to(2, "team/nats/0", tenant="beta"))
         nats_sent = await eventually(lambda: outbox.sent("n-2"), timeout=10)
         assert sink.answered == []  # the webhook has still not been answered
         assert outbox.of("n-1") == []  # and its first try has no outcome yet
@@ -204,7 +204,7 @@ async def test_the_token_bucket_spaces_out_an_integrations_notifications():
         running(webhook(sink.url(), rate_per_s=2.0, burst=1)) as outbox,
     ):
         for n in (1, 2, 3):
-            outbox.dispatcher.offer(notification_due(n, HOOK))
+            outbox.dispatcher.offer(notification_to(n, HOOK))
         await eventually(lambda: outbox.sent("n-3"))
     assert [r.notification_id for r in sink.requests] == ["n-1", "n-2", "n-3"]
     assert sink.requests[2].at - sink.requests[0].at >= 0.5
@@ -215,13 +215,13 @@ async def test_offering_the_same_notification_again_sends_it_once():
     sees it once (a later notification of the same queue shows nothing was left)."""
     hold = asyncio.Event()
     async with serve_webhook([hold]) as sink, running(webhook(sink.url())) as outbox:
-        first = notification_due(1, HOOK)
+        first = notification_to(1, HOOK)
         outbox.dispatcher.offer(first)
         outbox.dispatcher.offer(first)  # queued
         await eventually(lambda: sink.requests)
         outbox.dispatcher.offer(first, attempt=2)  # in flight
         hold.set()
-        outbox.dispatcher.offer(notification_due(2, HOOK))
+        outbox.dispatcher.offer(notification_to(2, HOOK))
         await eventually(lambda: outbox.sent("n-2"))
     assert [r.notification_id for r in sink.requests] == ["n-1", "n-2"]
     assert [e.event_id for _, e in outbox.submitted] == ["n-1.sent", "n-2.sent"]
@@ -230,7 +230,7 @@ async def test_offering_the_same_notification_again_sends_it_once():
 async def test_an_integration_no_longer_configured_is_given_up():
     """A notification addressed to an integration the configuration no longer has."""
     async with running() as outbox:
-        outbox.dispatcher.offer(notification_due(1, "gone/webhook/0"))
+        outbox.dispatcher.offer(notification_to(1, "gone/webhook/0"))
         given_up = await eventually(lambda: outbox.given_up("n-1"))
     assert given_up.error == "integration gone/webhook/0 is no longer configured"
 
@@ -255,9 +255,9 @@ async def test_a_sender_that_raises_is_a_failed_try_and_the_dispatcher_goes_on()
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop))
     with capture_logs():  # the sender's traceback is logged; keep it out of the output
-        dispatcher.offer(notification_due(1, "mail/email/0"))
+        dispatcher.offer(notification_to(1, "mail/email/0"))
         await eventually(lambda: submitted)
-        dispatcher.offer(notification_due(2, "ops/log/0"))
+        dispatcher.offer(notification_to(2, "ops/log/0"))
         await eventually(lambda: len(submitted) == 2)
     stop.set()
     await asyncio.wait_for(task, timeout=10)
@@ -273,7 +273,7 @@ async def test_email_is_refused_for_now():
     """The extension point answers a clear, permanent failure."""
     receiver = Receiver(name="mail", integrations=(Integration(type="email"),))
     async with running(receiver) as outbox:
-        outbox.dispatcher.offer(notification_due(1, "mail/email/0"))
+        outbox.dispatcher.offer(notification_to(1, "mail/email/0"))
         given_up = await eventually(lambda: outbox.given_up("n-1"))
     assert given_up.error == "email is not supported yet"
 
@@ -293,10 +293,10 @@ async def test_out_of_band_reaches_nats_and_the_log_and_records_nothing(nc, aler
         config = AlertingConfig(receivers=(receiver,))
         submitted: list[Event] = []
         dispatcher = Dispatcher(config.integration, submitted.append, nc=nc)
-        due = notification_due(7, "default", tenant="_infra")
+        due = notification_to(7, "default", tenant="_infra")
         with capture_logs() as logs:
             reached = await dispatcher.notify_out_of_band(due)
-        one = await dispatcher.notify_out_of_band(notification_due(8, "default/nats/1"))
+        one = await dispatcher.notify_out_of_band(notification_to(8, "default/nats/1"))
         assert sink.requests == []  # sent one by one: a webhook try would be done by now
     assert reached == ["default/log/0", "default/nats/1"]
     assert one == ["default/nats/1"]
