@@ -197,8 +197,11 @@ DEFAULT_ROUTE = Route(
 
 
 class AlertingConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """Everything the core decides alerts and notifications with."""
+    """Everything the core decides alerts and notifications with. ``enabled`` False:
+    alerting is off (the file's ``enabled: false``): nothing is decided or sent, and what
+    was recorded stays as it is."""
 
+    enabled: bool = True
     rules: tuple[Rule, ...] = ()
     route: Route = DEFAULT_ROUTE
     receivers: tuple[Receiver, ...] = ()

@@ -194,6 +194,10 @@ def _all_subjects(state: RegistryState) -> set[Subject]:
         subjects.add(("service", tenant, service))
     subjects.update(("component", name) for name in state.infra.components)
     subjects.update(("tenant", t) for t in state.preservation)
+    for alert in state.alerts.alerts.values():  # (what it was about may be gone)
+        subject = _subject_of_alert(alert, state.alerts.rule(alert.rule))
+        if subject is not None:
+            subjects.add(subject)
     return subjects
 
 
@@ -210,7 +214,7 @@ def _expand(state: RegistryState, subject: Subject) -> Iterator[Subject]:
 def alert_pass(state: RegistryState, now: float, recorded: Iterable[Event]) -> list[Event]:
     """What the alerts decide at ``now`` after ``recorded`` (this turn's events)."""
     alerts = state.alerts
-    if not alerts.loaded:
+    if not alerts.loaded or not alerts.config.enabled:
         return []
     out: list[Event] = []
 
@@ -234,7 +238,7 @@ def alert_pass(state: RegistryState, now: float, recorded: Iterable[Event]) -> l
     # Active alerts whose subject is looked at, by subject (a condition that no longer
     # holds resolves them).
     by_subject: dict[Subject, list[Alert]] = {}
-    for alert in alerts.alerts.values():
+    for alert in list(alerts.alerts.values()):  # (resolving one changes the dict)
         subject = _subject_of_alert(alert, alerts.rule(alert.rule))
         if subject is None:
             if alerts.rule(alert.rule) is None:  # its rule was removed

@@ -155,6 +155,12 @@ class Hub:
                              progress=self.progress, clock=self.clock, tail=self.tail,
                              status=self.status, lease=self.lease)  # fmt: skip
         await self.ingest.setup()
+        # The alert rules are decided on before anything else the loop takes.
+        self.alerting = Alerting(c, self.nc, self.ingest, status=self.status,
+                                 progress=self.progress, metrics=self.metrics,
+                                 views=[p.name for p in self.projections],
+                                 clock=self.clock)  # fmt: skip
+        self.alerting.load()
         await self.progress.appended(state.ingress.floor, end)
         self.views = ViewsProcess(c, self.tail, progress=self.progress, metrics=self.metrics)
         await self.views.start()
@@ -193,8 +199,6 @@ class Hub:
         self.monitor = InfraMonitor(c, ingest.submit, self.clock, infra=infra,
                                     recorded_digest=lambda: ingest.state.infra.digest)  # fmt: skip
         await self.monitor.start()
-        self.alerting = Alerting(c, self.nc, ingest, status=self.status, progress=self.progress,
-                                 metrics=self.metrics, views=views, clock=self.clock)  # fmt: skip
         await self.alerting.start()
         log.info("hub_started", event_log=self.event_log.name, nats=list(c.nats_urls),
                  query_servers=self.query_servers.pids)  # fmt: skip

@@ -274,6 +274,8 @@ class Ingest:
         sub = await self._js.pull_subscribe_bind(INGRESS_CONSUMER, stream=INGRESS_STREAM)
         tick_s = self._config.tick_s
         await self._retry_one_by_one()
+        if self._internal:  # submitted before the loop ran (the rules in force): first
+            await self.process_internal()
 
         async def fetch() -> list[Msg] | None:
             """The next batch; [] when nothing came within tick_s; None: connection closed."""

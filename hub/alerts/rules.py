@@ -209,6 +209,7 @@ def _read_alerting(root: Node) -> AlertingConfig:
     rules = _read_rules(given["rules"]) if "rules" in given else DEFAULT_RULES
     enabled = root.child("enabled").boolean(True)
     return AlertingConfig(
+        enabled=enabled,
         rules=rules if enabled else (),
         route=route,
         receivers=receivers,

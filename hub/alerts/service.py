@@ -158,9 +158,11 @@ class Alerting:
         return True
 
     async def start(self) -> None:
-        self.load()
+        """Serve: send what is due, answer silences, sample, watch the log (``load`` was
+        called before the ingest loop started, so the rules in force are the file's)."""
         self._ingest.observe(self._recorded)
-        for entry in self._state.alerts.outbox.values():
+        outbox = self._state.alerts.outbox if self._state.alerts.config.enabled else {}
+        for entry in outbox.values():
             self.dispatcher.offer(entry.due, attempt=entry.attempts + 1,
                                   not_before=entry.next_attempt_at)  # fmt: skip
         self._subs.append(await self._nc.subscribe(ALERTS_SILENCE_SUBJECT, cb=self._on_silence))
@@ -191,8 +193,13 @@ class Alerting:
     # --- what was recorded ------------------------------------------------------------------
 
     def _recorded(self, events: list[Event]) -> None:
+        sending = self._state.alerts.config.enabled
         for e in events:
-            if isinstance(e, NotificationDue) and e.notification_id in self._state.alerts.outbox:
+            if (
+                sending
+                and isinstance(e, NotificationDue)
+                and e.notification_id in (self._state.alerts.outbox)
+            ):
                 faults.point("notification_due_recorded")
                 self.dispatcher.offer(e)
             waiter = self._waiting.pop(e.event_id, None)

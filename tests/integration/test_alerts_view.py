@@ -97,7 +97,7 @@ async def _listed(nc, expected: list[str]) -> dict[str, Any] | None:
 
 
 async def test_alert_history_is_projected_answered_over_nats_and_replayed(
-    start_hub, event_log_kind, hub_config, nc, pg, rds
+    start_hub, event_log_kind, hub_config, nc, pg, rds, monkeypatch, tmp_path
 ):
     """Alert events recorded in the log before the hub starts: its views process writes
     the alert tables, and ``hub.query.alerts`` answers (active by default, newest
@@ -110,11 +110,20 @@ async def test_alert_history_is_projected_answered_over_nats_and_replayed(
     await log.start()
     await log.append(recorded_alerts(now))
     await log.close()
+    # Alerting off: the hub decides nothing on this made-up history (its rules are not
+    # the hub's, and what they are about is not in the registry), so the views show it
+    # as it was recorded.
+    (tmp_path / "alerts.yaml").write_text("enabled: false\n")
+    monkeypatch.setenv("HUB_ALERTS_FILE", str(tmp_path / "alerts.yaml"))
     hub = await start_hub(infra_self=False)
 
     # Active ones of tenant default and the shared ones, newest first.
     newest_first = ["kafka", "pend", "up", "dep", "down"]
-    active = await eventually(lambda: _listed(nc, newest_first), timeout=60)
+    active = await eventually(
+        lambda: _listed(nc, newest_first),
+        timeout=60,
+        what=lambda: hub.ingest.state.alerts.config.enabled,
+    )
     by_id = {a["fingerprint"]: a for a in active["data"]}
     assert active["metadata"] == {"count": 5, "more": False, "include": "alerts"}
     down = by_id["down"]
