@@ -169,6 +169,45 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_alerts_simulate(args: argparse.Namespace) -> int:
+    from handlers.whatif import simulate
+    from hub.alerts.simulate import load_rules, recorded_events, report
+    from hub.eventlog.port import EventLogNotFound
+
+    config = _configured()
+    if config is None:
+        return 2
+    try:
+        rules = load_rules(args.rules)
+    except (InfraConfigError, OSError) as exc:
+        print(f"hub alerts simulate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        events = asyncio.run(recorded_events(config))
+    except EventLogNotFound as exc:
+        print(f"hub alerts simulate: {exc} (check the configured event log)", file=sys.stderr)
+        return 2
+    report(simulate(events, rules, since=args.since), sys.stdout, as_json=args.json)
+    return 0
+
+
+def _since(text: str) -> float:
+    """--since: epoch seconds or an ISO 8601 time (UTC unless it says otherwise)."""
+    from datetime import UTC, datetime
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected epoch seconds or an ISO time such as 2026-12-01T10:00:00Z, got {text!r}"
+        ) from None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hub", description="Central Hub coordinator")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
         p.set_defaults(func=func)
         if name == "verify":
             p.add_argument("--max-problems", type=int, default=20)
+    p = sub.add_parser("alerts", help="alerting tools")
+    alerts = p.add_subparsers(dest="alerts_command", required=True)
+    p = alerts.add_parser("simulate", help="decide the recorded history again with other "
+                          "rules and print what would have fired and been notified (writes "
+                          "nothing)")  # fmt: skip
+    p.add_argument("--rules", required=True, help="the rules file to try (alerts file format)")
+    p.add_argument("--since", type=_since, default=None,
+                   help="decide from this time on (epoch seconds or ISO time)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_alerts_simulate)
     args = parser.parse_args(argv)
     return int(args.func(args))
 

@@ -161,6 +161,7 @@ class Alerting:
         """Serve: send what is due, answer silences, sample, watch the log (``load`` was
         called before the ingest loop started, so the rules in force are the file's)."""
         self._ingest.observe(self._recorded)
+        self._rejected = [(self._clock(), self._metrics.get("ingress_rejected"))]
         outbox = self._state.alerts.outbox if self._state.alerts.config.enabled else {}
         for entry in outbox.values():
             self.dispatcher.offer(entry.due, attempt=entry.attempts + 1,
@@ -347,7 +348,10 @@ class Alerting:
         lag_s = max((now - t for t in self._behind_since.values()), default=0.0)
         backlog = await self._ingest.backlog()
         rejected = self._metrics.get("ingress_rejected")
-        self._rejected = [(t, n) for t, n in self._rejected if t >= now - 60] + [(now, rejected)]
+        # Dead letters over the last minute: the count now less the oldest count kept
+        # from within the minute (or from the start, for a hub up for less than one).
+        kept = [(t, n) for t, n in self._rejected if t >= now - 60]
+        self._rejected = (kept or self._rejected[-1:]) + [(now, rejected)]
         per_min = rejected - self._rejected[0][1]
         return {
             "projection_lag_records": float(lag_records),

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from events.model import (
     AlertFiring,
     AlertInhibited,
@@ -250,3 +252,35 @@ def heartbeat(hub: Hub, service: str, instance: str, status: str) -> list[Event]
     return hub.submit(HeartbeatReceived(event_id=f"hb{hub.now}", tenant="default", ts=hub.now,
                                         service_name=service, instance_id=instance,
                                         status=status))  # fmt: skip
+
+
+def test_what_if_lists_the_alerts_a_lower_threshold_would_have_fired():
+    """The history recorded with ServiceUnhealthy's `for` of 10 s (a service unhealthy for
+    5 s: nothing fired), decided again with 2 s: one extra alert, and its notification;
+    with the same rules: nothing extra, the same alerts as recorded."""
+    from handlers.whatif import simulate
+
+    hub = Hub()
+    register(hub, "orders", "o-1", at=0)
+    hub.now = T0 + 1
+    heartbeat(hub, "orders", "o-1", "unhealthy")
+    hub.now = T0 + 6
+    heartbeat(hub, "orders", "o-1", "healthy")
+    hub.now = T0 + 20
+    hub.check("pg", healthy=False)  # fires with both rule sets
+    hub.at(100)
+    assert [e.rule for e in hub.log if isinstance(e, AlertFiring)] == ["ComponentDown"]
+
+    same = simulate(hub.log, CONFIG)
+    assert same.extra() == [] and same.missing() == []
+    assert [e.rule for e in same.fired] == ["ComponentDown"]
+
+    sooner = msgspec.structs.replace(CONFIG, rules=(
+        CONFIG.rules[0], msgspec.structs.replace(CONFIG.rules[1], for_s=2)))  # fmt: skip
+    result = simulate(hub.log, sooner)
+    [extra] = result.extra()
+    assert (extra.rule, extra.labels["service"]) == ("ServiceUnhealthy", "orders")
+    assert (extra.active_since, extra.fired_at, extra.resolved_at) == (T0 + 1, T0 + 3, T0 + 6)
+    assert len(result.notified) > len(same.notified)
+    # From a time on: what happened before only builds the state.
+    assert simulate(hub.log, sooner, since=T0 + 10).extra() == []
