@@ -47,7 +47,14 @@ from events.model import (
 )
 from events.subjects import ALERTS_ACK_SUBJECT, ALERTS_SILENCE_SUBJECT
 from events.wire import StandardResponse, encode_response
-from handlers.alert_rules import HUB_TENANT, AlertingConfig, Integration, Matcher, digest_of
+from handlers.alert_rules import (
+    GAUGES,
+    HUB_TENANT,
+    AlertingConfig,
+    Integration,
+    Matcher,
+    digest_of,
+)
 from handlers.alerting import outage_alerts, outage_due_at, outage_notifications
 from handlers.core import Outage
 from hub import faults
@@ -324,6 +331,9 @@ class Alerting:
                 await asyncio.wait_for(self._stop.wait(), SAMPLE_EVERY_S)
             if self._stop.is_set() or self._status.log_stalled_since is not None:
                 continue
+            config: AlertingConfig = self._state.alerts.config
+            if not config.enabled or not any(r.source in GAUGES for r in config.rules):
+                continue  # no rule needs them: nothing to record
             try:
                 values = await self.gauges()
             except Exception as exc:  # not worth stopping the hub for

@@ -59,11 +59,17 @@ async def count_records(config) -> int:
         await log.close()
 
 
-async def test_jetstream_log_keeps_one_heartbeat_per_instance(start_hub, hub_config, nc, pg, rds):
+async def test_jetstream_log_keeps_one_heartbeat_per_instance(
+    start_hub, hub_config, nc, pg, rds, tmp_path, monkeypatch
+):
     """2,000 heartbeats of 50 instances leave 50 in the log (plus the registrations);
     the views show the latest load of each; a restarted hub rebuilds from the bounded
     log without re-recording anything; replay reproduces the views. (Self-monitoring
     off: its check results would add a few messages to count.)"""
+    # No alert rules: none of the hub's own samples to count either (one record of the
+    # rules loaded at start).
+    (tmp_path / "alerts.yaml").write_text("rules: []\n")
+    monkeypatch.setenv("HUB_ALERTS_FILE", str(tmp_path / "alerts.yaml"))
     hub = await start_hub(infra_self=False)
     js = nc.jetstream()
     await register(js)
@@ -74,13 +80,13 @@ async def test_jetstream_log_keeps_one_heartbeat_per_instance(start_hub, hub_con
     assert loads == {f"i-{n}": 39 + n / 100 for n in range(INSTANCES)}
 
     info = await js.stream_info(STREAM)
-    assert info.state.messages == 2 * INSTANCES, info.state  # 2,050 events recorded
+    assert info.state.messages == 2 * INSTANCES + 1, info.state  # 2,051 events recorded
     assert info.state.last_seq >= 41 * INSTANCES
 
     await hub.stop()
     again = await start_hub(infra_self=False)
     assert again.ingest.state.ingress.floor >= last  # nothing below is re-decided
-    assert (await js.stream_info(STREAM)).state.messages == 2 * INSTANCES
+    assert (await js.stream_info(STREAM)).state.messages == 2 * INSTANCES + 1
     reply = await query(nc, "hub.query.services", {})
     assert {i["instance_id"]: i["load"] for s in reply["data"] for i in s["instances"]} == loads
     await replay_reproduces_the_views(again, hub_config, pg, rds)
