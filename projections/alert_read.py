@@ -28,6 +28,8 @@ import msgspec
 from events.names import HUB_TENANT, INFRA_TENANT
 from events.wire import AlertsQuery, MatcherArg, WireError
 from handlers.alert_rules import Matcher, matches_all
+from handlers.alert_syntax import make_matcher
+from handlers.alert_syntax import parse_matcher as text_matcher
 from projections.alert_view import (
     ACTIVE,
     DUE,
@@ -108,44 +110,20 @@ def alert_filter(q: AlertsQuery) -> AlertFilter:
                        since, until, q.limit)  # fmt: skip
 
 
-# name, operator, value (Alertmanager's: the value quoted, or a plain word).
-_MATCHER = re.compile(r"\s*([A-Za-z_][A-Za-z0-9_]*)\s*(=~|!~|!=|=)\s*(.*?)\s*", re.S)
-
-
 def parse_matcher(given: str | MatcherArg, where: str = "matcher") -> Matcher:
     """A label matcher from its string form (``name="value"``, ``name!="v"``,
-    ``name=~"re"``, ``name!~"re"``; quotes optional for a value without spaces, quotes
-    or commas) or its object form; a regex must compile (it is anchored at both ends).
+    ``name=~"re"``, ``name!~"re"``, as the rules file reads them:
+    ``handlers.alert_syntax``) or its object form; a regex must compile.
 
     Raises:
         WireError: INVALID_REQUEST, naming ``where``.
     """
-    if isinstance(given, MatcherArg):
-        matcher = Matcher(given.name, given.op, given.value)
-    else:
-        found = _MATCHER.fullmatch(given)
-        if found is None:
-            raise _invalid(f"{where}: {given!r} is not a matcher (name=\"value\", name!=\"value\","
-                           " name=~\"regex\" or name!~\"regex\")")  # fmt: skip
-        name, op, value = found.groups()
-        if value.startswith('"'):
-            try:
-                value = msgspec.json.decode(value, type=str)
-            except msgspec.DecodeError:
-                raise _invalid(f"{where}: {given!r}: the quoted value is not closed or has a "
-                               "bad escape") from None  # fmt: skip
-        elif not value or re.search(r'[\s",{}]', value) or value[0] in "=!~":
-            raise _invalid(f"{where}: {given!r}: quote a value that is empty, starts with an "
-                           "operator or has spaces, quotes, commas or braces")  # fmt: skip
-        matcher = Matcher(name, op, value)  # type: ignore[arg-type]
-    if matcher.op in ("=~", "!~"):
-        try:
-            re.compile(matcher.value)
-        except re.error as exc:
-            raise _invalid(
-                f"{where}: the regex {matcher.value!r} does not compile: {exc}"
-            ) from None
-    return matcher
+    try:
+        if isinstance(given, MatcherArg):
+            return make_matcher(given.name, given.op, given.value)
+        return text_matcher(given)
+    except ValueError as exc:
+        raise _invalid(f"{where}: {exc}") from None
 
 
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")

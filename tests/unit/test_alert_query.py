@@ -41,13 +41,12 @@ def test_matchers_are_read_as_alertmanager_writes_them(text: str, matcher: Match
 
 
 @pytest.mark.parametrize(("text", "why"), [
-    ("severity", "is not a matcher"),
-    ("sev erity=x", "is not a matcher"),
-    ('severity=="critical"', "starts with an operator"),
-    ("service=a b", "has spaces"),
-    ("service=", "empty"),
-    ('service="orders', "not closed"),
-    ('service=~"("', "does not compile"),
+    ("severity", "expected a matcher"),
+    ("sev erity=x", "expected a matcher"),
+    ('severity=="critical"', "quote the value"),
+    ("service=a b", "quote the value"),
+    ('service="orders', "malformed quoted value"),
+    ('service=~"("', "invalid regex"),
 ])  # fmt: skip
 def test_a_bad_matcher_is_refused_with_its_place_and_why(text: str, why: str) -> None:
     reason = refused(matchers=['severity="critical"', text])
@@ -61,7 +60,7 @@ def test_matchers_as_objects() -> None:
     assert f.matchers == (Matcher("service", "=~", "svc-[0-9]"),)
     with pytest.raises(WireError, match=r"matchers\[0\]\.op"):
         filter_of(matchers=[{"name": "service", "op": "==", "value": "x"}])
-    assert "does not compile" in refused(matchers=[{"name": "a", "op": "!~", "value": "["}])
+    assert "invalid regex" in refused(matchers=[{"name": "a", "op": "!~", "value": "["}])
 
 
 def test_states_per_include_with_their_defaults() -> None:
