@@ -25,12 +25,15 @@ import yaml
 
 from events.codec import decode_event
 from events.model import AlertFiring, AlertInhibited, AlertResolved, NotificationDue
+from hub.alerts.rules import AlertConfigError
+from hub.app import Hub
 from hub.bootstrap import make_event_log
 from hub.stack import RedisServer
 from tests.integration.conftest import ROOT, HubProcess, eventually, query
 from tests.integration.test_crash import _answers
 from tests.integration.test_infra_monitor import component, components
 from tests.integration.test_outage import _jetstream_capture, _kafka_down, _kafka_up
+from tests.integration.test_replay import replay_reproduces_the_views
 from tests.integration.webhook_sink import WebhookSink, serve_webhook
 
 PATIENCE = 60.0
@@ -97,7 +100,9 @@ async def all_sent(hub) -> bool:
     return not hub.ingest.state.alerts.outbox
 
 
-async def test_a_stopped_server_is_notified_once_firing_then_once_resolved(tmp_path, start_hub, nc):
+async def test_a_stopped_server_is_notified_once_firing_then_once_resolved(
+    tmp_path, start_hub, nc, pg, rds
+):
     heard = Heard()
     await heard.start(nc)
     async with serve_webhook() as sink:
@@ -134,6 +139,13 @@ async def test_a_stopped_server_is_notified_once_firing_then_once_resolved(tmp_p
     assert dues and min(d.ts for d in dues) - fired.ts >= 1.0
     assert sink.requests[0].headers["idempotency-key"] == firing["notificationId"]
     assert len(heard.of(AlertResolved)) == 1
+    # The alert views: one episode, fired and resolved, and the two notifications sent
+    # to each integration; `hub replay` then `hub verify` reproduce them.
+    await replay_reproduces_the_views(hub, hub.config, pg, rds)
+    episodes = await pg.fetch("SELECT rule, state FROM alerts")
+    assert [(r["rule"], r["state"]) for r in episodes] == [("CacheDown", "resolved")]
+    notes = await pg.fetch("SELECT state FROM alert_notifications")
+    assert sorted(r["state"] for r in notes) == ["sent"] * 4
 
 
 async def test_a_silence_mutes_firing_not_resolved_and_its_end_notifies_at_once(
@@ -485,3 +497,32 @@ async def test_alerts_simulate_lists_what_a_lower_threshold_would_have_fired(
     # Nothing was written (the hub's own sampling aside: compare alert decisions only).
     after = await recorded_all(hub)
     assert not [e for e in after[before:] if isinstance(e, AlertFiring)]
+
+
+async def test_rules_are_checked_at_start_and_on_reload_which_keeps_them_when_bad(
+    tmp_path, start_hub, hub_config, monkeypatch
+):
+    """A bad rules file stops the start with the file, the rule and the key named; on a
+    reload (what SIGHUP does) a bad file is refused and the rules in force stay, and a
+    good one is recorded."""
+    rules = tmp_path / "alerts.yaml"
+    monkeypatch.setenv("HUB_ALERTS_FILE", str(rules))
+    rules.write_text(yaml.safe_dump({"rules": [{"alert": "Lag", "source": "projection_lag_s",
+                                                "for": "1m"}]}))  # fmt: skip
+    with pytest.raises(AlertConfigError) as refused:
+        await Hub(dataclasses.replace(hub_config, infra_self=False)).start()
+    message = str(refused.value)
+    assert message.startswith(f'{rules}: rules[0] (alert "Lag"): threshold'), message
+    good = {"rules": [{"alert": "Lag", "source": "projection_lag_s", "threshold": 30}]}
+    rules.write_text(yaml.safe_dump(good))
+    hub = await start_hub(infra_self=False)
+    await eventually(lambda: hub.ingest.state.alerts.source == str(rules), timeout=PATIENCE)
+    before = hub.ingest.state.alerts.digest
+    rules.write_text(yaml.safe_dump({"rules": [{**good["rules"][0], "severity": "loud"}]}))
+    await hub.reload_infra()  # what SIGHUP does
+    assert await hub.alerting.reload() is False  # (the alerts' own answer)
+    assert hub.ingest.state.alerts.digest == before  # kept
+    rules.write_text(yaml.safe_dump({"rules": [{**good["rules"][0], "threshold": 5}]}))
+    await hub.reload_infra()
+    await eventually(lambda: hub.ingest.state.alerts.digest != before, timeout=PATIENCE)
+    assert hub.ingest.state.alerts.config.rules[0].threshold == 5
