@@ -54,6 +54,7 @@ from handlers.alert_rules import (
     HUB_TENANT,
     INFRA_TENANT,
     SEVERITIES,
+    InhibitRule,
     Integration,
     Rule,
     fill,
@@ -222,7 +223,10 @@ def alert_pass(state: RegistryState, now: float, recorded: Iterable[Event]) -> l
         evolve(state, e)
         out.append(e)
 
-    if alerts.everything:
+    if alerts.everything:  # after a fold, or new rules: alerts of removed rules resolve
+        for alert in list(alerts.alerts.values()):  # (resolving one changes the dict)
+            if alerts.rule(alert.rule) is None:
+                record(_resolved(alert, now, "the rule was removed"))
         subjects = _all_subjects(state)
         alerts.everything = False
         recheck_inhibitions = True
@@ -238,13 +242,10 @@ def alert_pass(state: RegistryState, now: float, recorded: Iterable[Event]) -> l
     # Active alerts whose subject is looked at, by subject (a condition that no longer
     # holds resolves them).
     by_subject: dict[Subject, list[Alert]] = {}
-    for alert in list(alerts.alerts.values()):  # (resolving one changes the dict)
+    for alert in alerts.alerts.values() if subjects else ():
         subject = _subject_of_alert(alert, alerts.rule(alert.rule))
-        if subject is None:
-            if alerts.rule(alert.rule) is None:  # its rule was removed
-                record(_resolved(alert, now, "the rule was removed"))
-            continue
-        by_subject.setdefault(subject, []).append(alert)
+        if subject is not None:
+            by_subject.setdefault(subject, []).append(alert)
     changed = False
     rules = alerts.config.rules
     for raw in subjects:
@@ -322,7 +323,10 @@ def requirements(state: RegistryState, tenant: str, service: str) -> set[str]:
 
 
 def dependents(state: RegistryState, alert: Alert) -> list[str]:
-    """The services (``tenant/service``) that require what ``alert`` is about."""
+    """The services (``tenant/service``) that require what ``alert`` is about (none for
+    an alert about one instance: not a root cause)."""
+    if "instance" in alert.labels:
+        return []
     component = alert.labels.get("component")
     service = alert.labels.get("service")
     tenant = alert.labels.get("tenant", "")
@@ -338,57 +342,82 @@ def dependents(state: RegistryState, alert: Alert) -> list[str]:
     return sorted(out)
 
 
-def _inhibitor(
-    state: RegistryState, target: Alert, sources: list[Alert]
-) -> tuple[Alert, str] | None:
-    """The first firing alert that inhibits ``target``, and why."""
+def _inhibitions(state: RegistryState, now: float, record: Any) -> None:
+    """Record what started or stopped inhibiting each active alert: the first firing
+    alert (earliest first) that an inhibit rule names as its source, else (unless
+    ``derive_inhibitions`` is off) a firing alert on what its service requires."""
     config = state.alerts.config
-    for i, rule in enumerate(config.inhibit_rules):
-        if not matches_all(rule.target_matchers, target.labels):
+    active = state.alerts.alerts
+    firing = sorted((a for a in active.values() if a.state == FIRING),
+                    key=lambda a: (a.active_since, a.fingerprint))  # fmt: skip
+    by_rule = [(i, rule, [s for s in firing if matches_all(rule.source_matchers, s.labels)])
+               for i, rule in enumerate(config.inhibit_rules)]  # fmt: skip
+    # What can be a root cause: a component down, a whole service (not one instance).
+    components: dict[str, Alert] = {}
+    services: dict[tuple[str, str], Alert] = {}
+    for source in firing if config.derive_inhibitions else ():
+        labels = source.labels
+        if labels.get("component") and labels.get("tenant") == INFRA_TENANT:
+            components.setdefault(labels["component"], source)
+        elif labels.get("service") and "instance" not in labels:
+            services.setdefault((labels.get("tenant", ""), labels["service"]), source)
+    needs: dict[tuple[str, str], list[str]] = {}
+    for target in sorted(active.values(), key=lambda a: a.fingerprint):
+        found = _by_rule(target, by_rule)
+        service = target.labels.get("service")
+        if found is None and service and (components or services):
+            key = (target.labels.get("tenant", ""), service)
+            if key not in needs:
+                needs[key] = sorted(requirements(state, *key))
+            found = _by_dependency(target, needs[key], components, services)
+        _inhibit(target, found, now, record)
+
+
+def _by_rule(
+    target: Alert, by_rule: list[tuple[int, InhibitRule, list[Alert]]]
+) -> tuple[Alert, str] | None:
+    for i, rule, sources in by_rule:
+        if not sources or not matches_all(rule.target_matchers, target.labels):
             continue
         for source in sources:
-            if (source.fingerprint != target.fingerprint
-                    and matches_all(rule.source_matchers, source.labels)
-                    and all(source.labels.get(n, "") == target.labels.get(n, "")
-                            for n in rule.equal)):  # fmt: skip
+            if source.fingerprint != target.fingerprint and all(
+                source.labels.get(n, "") == target.labels.get(n, "") for n in rule.equal
+            ):
                 return source, f"inhibit_rules[{i}]"
-    if config.derive_inhibitions and "service" in target.labels:
-        needs = requirements(state, target.labels.get("tenant", ""), target.labels["service"])
-        if needs:
-            for source in sources:
-                comp, svc = source.labels.get("component"), source.labels.get("service")
-                if comp and source.labels.get("tenant") == INFRA_TENANT and comp in needs:
-                    return source, f"{target.labels['service']} requires component {comp}"
-                same_tenant = source.labels.get("tenant") == target.labels.get("tenant")
-                if svc and svc in needs and "instance" not in source.labels and same_tenant:
-                    return source, f"{target.labels['service']} depends on service {svc}"
     return None
 
 
-def _inhibitions(state: RegistryState, now: float, record: Any) -> None:
-    """Record what started or stopped inhibiting each active alert."""
-    active = state.alerts.alerts
-    sources = sorted(
-        (a for a in active.values() if a.state == FIRING), key=lambda a: a.active_since
-    )
-    for target in sorted(active.values(), key=lambda a: a.fingerprint):
-        found = _inhibitor(state, target, sources)
-        by = found[0].fingerprint if found else None
-        if by == target.inhibited_by:
-            continue
-        stamp = f"alert.{target.fingerprint}.{round(target.active_since * 1e6)}"
-        at = round(now * 1e6)
-        tenant = target.labels.get("tenant", HUB_TENANT)
-        if target.inhibited_by is not None:
-            was = target.inhibited_by
-            record(AlertUninhibited(event_id=f"{stamp}.uninhibited.{was}.{at}", tenant=tenant,
-                                    ts=now, fingerprint=target.fingerprint, by=was))  # fmt: skip
-        if found is not None:
-            source, reason = found
-            record(AlertInhibited(event_id=f"{stamp}.inhibited.{source.fingerprint}.{at}",
-                                  tenant=tenant, ts=now, fingerprint=target.fingerprint,
-                                  by=source.fingerprint, by_rule=source.rule,
-                                  reason=reason))  # fmt: skip
+def _by_dependency(
+    target: Alert, needs: list[str], components: dict[str, Alert],
+    services: dict[tuple[str, str], Alert],
+) -> tuple[Alert, str] | None:  # fmt: skip
+    service, tenant = target.labels["service"], target.labels.get("tenant", "")
+    for name in needs:
+        if name in components:
+            return components[name], f"{service} requires component {name}"
+        source = services.get((tenant, name))
+        if source is not None and source.fingerprint != target.fingerprint:
+            return source, f"{service} depends on service {name}"
+    return None
+
+
+def _inhibit(target: Alert, found: tuple[Alert, str] | None, now: float, record: Any) -> None:
+    by = found[0].fingerprint if found else None
+    if by == target.inhibited_by:
+        return
+    stamp = f"alert.{target.fingerprint}.{round(target.active_since * 1e6)}"
+    at = round(now * 1e6)
+    tenant = target.labels.get("tenant", HUB_TENANT)
+    if target.inhibited_by is not None:
+        was = target.inhibited_by
+        record(AlertUninhibited(event_id=f"{stamp}.uninhibited.{was}.{at}", tenant=tenant,
+                                ts=now, fingerprint=target.fingerprint, by=was))  # fmt: skip
+    if found is not None:
+        source, reason = found
+        record(AlertInhibited(event_id=f"{stamp}.inhibited.{source.fingerprint}.{at}",
+                              tenant=tenant, ts=now, fingerprint=target.fingerprint,
+                              by=source.fingerprint, by_rule=source.rule,
+                              reason=reason))  # fmt: skip
 
 
 # --- notifications ----------------------------------------------------------------------
