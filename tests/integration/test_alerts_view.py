@@ -182,7 +182,7 @@ async def test_alert_history_is_projected_answered_over_nats_and_replayed(
 
     # Bad requests: the reason, not an empty answer.
     for body, why in (({"state": "burning"}, "state: 'burning' is not a state of alerts"),
-                      ({"matchers": ['service=~"("']}, "matchers[0]: the regex"),
+                      ({"matchers": ['service=~"("']}, "matchers[0]: invalid regex"),
                       ({"include": "silences", "severity": "critical"}, "severity: silences"),
                       ({"colour": "red"}, "unknown field `colour`")):  # fmt: skip
         reply = await alerts(nc, body)
