@@ -371,6 +371,7 @@ class NotificationDue(Event, frozen=True):
     resolved: list[dict[str, Any]] = []
     epoch: int = 0
     severity: str = ""
+    out_of_band: bool = False  # said while the log was down, before it could be recorded
 
 
 class NotificationSent(Event, frozen=True):

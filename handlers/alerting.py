@@ -533,7 +533,7 @@ def outage_notifications(state: RegistryState, alert: Alert) -> list[Notificatio
             out.append(NotificationDue(
                 event_id=f"notify.{nid}", tenant=HUB_TENANT, ts=outage_due_at(state, alert),
                 notification_id=nid, receiver=target, group_key=key, group_labels=labels,
-                firing=entry, severity=alert.severity,
+                firing=entry, severity=alert.severity, out_of_band=True,
             ))  # fmt: skip
     return out
 

@@ -42,6 +42,8 @@ def render(due: NotificationDue, *, receiver_name: str) -> dict[str, Any]:
         "notificationId": due.notification_id,
         "epoch": due.epoch,
     }
+    if due.out_of_band:  # said while the event log was down: not (yet) recorded
+        body["recorded"] = False
     root_cause = [
         {
             "fingerprint": str(a.get("fingerprint", "")),

@@ -411,6 +411,7 @@ async def test_the_event_log_down_is_heard_out_of_band_and_recorded_once_it_is_b
                 assert heard_at - stalled_since >= 1.0 + 1.0  # for + group_wait
                 subject, body = heard.notifications[0]
                 assert subject == "hub.alerts._hub.critical"
+                assert body["recorded"] is False  # said before it could be recorded
                 assert body["alerts"][0]["annotations"]["summary"] == f"the {kind} log is down"
                 assert sink.requests == []  # the webhook is not told out of band
             finally:
