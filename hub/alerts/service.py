@@ -60,8 +60,9 @@ from handlers.core import Outage
 from hub import faults
 from hub.alerts._syntax import make_matcher, parse_duration, parse_matcher
 from hub.alerts.dispatch import Dispatcher
-from hub.alerts.rules import describe_alerting, load_alerting
+from hub.alerts.rules import ALERTS_FILE_ENV, describe_alerting, load_alerting
 from hub.config import HubConfig
+from hub.infra.config import load_infra_config
 from hub.ingest import Ingest
 from hub.metrics import Metrics
 from hub.progress import Progress
@@ -151,6 +152,10 @@ class Alerting:
             AlertConfigError: the file is bad (naming the file, the rule and the key).
         """
         infra = Path(self._config.infra_config) if self._config.infra_config else None
+        if infra is not None and not self._environ.get(ALERTS_FILE_ENV, "").strip():
+            # The rules come from the infrastructure file: one the monitor refuses (and
+            # keeps the old set of) keeps the rules in force as well.
+            load_infra_config(infra)
         config, source = load_alerting(self._environ, infra)
         digest = digest_of(config)
         if digest == self._state.alerts.digest and self._state.alerts.loaded:
