@@ -225,8 +225,9 @@ def report(args: argparse.Namespace, events: list[Any], got: list[dict[str, Any]
     p50 = statistics.median(floor)
     groups = len({g["id"] for g in got})
     print(
-        f"\n{len(criticals)} instances went critical (lease end {last_ack + 3.0 - t0:+.3f} s "
-        f"from the first decision; decided over {ms(max(e.ts for e in criticals) - t0)})"
+        f"\n{len(criticals)} instances went critical, all decided within "
+        f"{ms(max(e.ts for e in criticals) - t0).strip()} of the first (the first "
+        f"{1000 * (t0 - last_ack - 3.0):+.1f} ms from the lease end by the publisher's clock)"
     )
     print(f"  every alert firing    {ms(max(e.ts for e in firing) - t0)}   ({len(firing)} alerts)")
     print(
