@@ -52,7 +52,7 @@ import nats
 import yaml
 
 from bench._scratch import scratch_root
-from events.model import AlertFiring, InstanceHealthChanged, NotificationSent
+from events.model import AlertFiring, InstanceHealthChanged, NotificationDue, NotificationSent
 from events.vocab import Health
 from hub.app import Hub
 from hub.config import HubConfig
@@ -216,6 +216,7 @@ def report(args: argparse.Namespace, events: list[Any], got: list[dict[str, Any]
                  and e.status == Health.CRITICAL]  # fmt: skip
     firing = [e for e in events if isinstance(e, AlertFiring)]
     sent = [e for e in events if isinstance(e, NotificationSent)]
+    due = [e.ts for e in events if isinstance(e, NotificationDue)]
     if not criticals or not got:
         print(f"FAILED: {len(criticals)} criticals, {len(got)} webhook notifications")
         return 1
@@ -230,8 +231,11 @@ def report(args: argparse.Namespace, events: list[Any], got: list[dict[str, Any]
         f"{1000 * (t0 - last_ack - 3.0):+.1f} ms from the lease end by the publisher's clock)"
     )
     print(f"  every alert firing    {ms(max(e.ts for e in firing) - t0)}   ({len(firing)} alerts)")
+    print(f"  notifications due     {ms(min(due) - t0)} .. {ms(max(due) - t0).strip()}   "
+          f"({len(due)}: each group's wait runs from its own first alert)")  # fmt: skip
     print(
-        f"  every webhook taken   {ms(webhook_last - t0)}   ({groups} notifications listing "
+        f"  every webhook taken   {ms(webhook_last - t0)}   (the first at "
+        f"{ms(min(g['at'] for g in got) - t0).strip()}; {groups} notifications listing "
         f"{len(listed)} alerts, {len(set(listed))} distinct of {args.critical})"
     )
     print(
