@@ -158,12 +158,7 @@ def service_health(state: RegistryState, tenant: str, service: str) -> str:
     """A service's health from its live instances (as ``hub.query.health`` says it):
     HEALTHY when every one is healthy and steady, UNHEALTHY when none is, DEGRADED
     between; "" when it has no live instance."""
-    live = trusted = 0
-    for inst in state.by_service.get((tenant, service), {}).values():
-        if inst.status in GONE:
-            continue
-        live += 1
-        trusted += inst.status == Health.HEALTHY and not inst.flapping
+    live, trusted = state.service_counts.get((tenant, service), (0, 0))
     if not live:
         return ""
     if trusted == live:

@@ -163,6 +163,8 @@ class RegistryState:
         timers: the lease timer's deadlines (``handlers.liveness``); None until the
             timer first runs on this state (a fold that never runs it pays nothing).
         by_service: the instances of each service (``tenant, service``), by id.
+        service_counts: per service, ``[live, trusted]``: its live instances, and those
+            healthy and not flapping (its health, without a scan).
         alerts: the alerts, silences and notifications (``handlers.alerts``).
     """
 
@@ -177,6 +179,7 @@ class RegistryState:
     critical_count: dict[str, int] = field(default_factory=dict)
     timers: TimerState[InstanceKey] | None = None
     by_service: dict[tuple[str, str], dict[str, Instance]] = field(default_factory=dict)
+    service_counts: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     alerts: AlertState = field(default_factory=AlertState)
 
     def live(self, key: InstanceKey) -> Instance | None:
@@ -193,6 +196,12 @@ InstanceEvent = (
     | FlappingStarted
     | FlappingEnded
 )
+
+
+# The events that may change whether an instance is live or trusted (not heartbeats:
+# they report, and the hub records a change as one of these).
+_STANDING_EVENTS = frozenset({ServiceRegistered, ServiceDeregistered, InstanceHealthChanged,
+                              InstanceExpired, FlappingStarted, FlappingEnded})  # fmt: skip
 
 
 def key_of(event: InstanceEvent) -> InstanceKey:
@@ -384,10 +393,32 @@ def _remember_change(inst: Instance, ts: float) -> None:
     del inst.changes[:-CHANGES_KEPT]
 
 
+def _standing(inst: Instance | None) -> tuple[int, int]:
+    """(live, trusted) of an instance, as 0/1: what it adds to its service's counts."""
+    if inst is None or not inst.live:
+        return 0, 0
+    return 1, int(inst.status == HEALTHY and not inst.flapping)
+
+
 def evolve(state: RegistryState, event: Event) -> RegistryState:
     """Apply one recorded event to the state (in place) and return it."""
     if event.ingress_seq:
         state.ingress.add(event.ingress_seq)
+    if type(event) in _STANDING_EVENTS:
+        key = key_of(event)  # type: ignore[arg-type]
+        before = _standing(state.instances.get(key))
+        _evolve(state, event)
+        after = _standing(state.instances.get(key))
+        if after != before:
+            counts = state.service_counts.setdefault(key[:2], [0, 0])
+            counts[0] += after[0] - before[0]
+            counts[1] += after[1] - before[1]
+        return state
+    _evolve(state, event)
+    return state
+
+
+def _evolve(state: RegistryState, event: Event) -> None:
     match event:
         case HeartbeatReceived():
             _heartbeat(state, event)
@@ -437,7 +468,6 @@ def evolve(state: RegistryState, event: Event) -> RegistryState:
             evolve_infra(state.infra, event)
         case _:
             evolve_alert(state.alerts, event)
-    return state
 
 
 def fold(events: list[Event], state: RegistryState | None = None) -> RegistryState:

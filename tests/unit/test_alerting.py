@@ -10,6 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from events.model import (
     AlertFiring,
@@ -40,6 +42,7 @@ from handlers.alert_rules import (
 from handlers.core import Internal, TimerTurn, step
 from handlers.registry import RegistryState, fold
 from hub.config import HubConfig
+from tests.strategies import EVENTS
 
 T0 = 1_800_000_000.0
 RULES = HubConfig()
@@ -284,3 +287,19 @@ def test_what_if_lists_the_alerts_a_lower_threshold_would_have_fired():
     assert len(result.notified) > len(same.notified)
     # From a time on: what happened before only builds the state.
     assert simulate(hub.log, sooner, since=T0 + 10).extra() == []
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(EVENTS, max_size=40))
+def test_the_service_counts_kept_by_the_fold_equal_a_scan(events):
+    """A service's live and trusted (healthy, steady) instances, kept by the fold for the
+    alert rules on a service's health, are what a scan of its instances counts."""
+    state = fold(events)
+    scanned: dict[tuple[str, str], list[int]] = {}
+    for (tenant, service, _), inst in state.instances.items():
+        counts = scanned.setdefault((tenant, service), [0, 0])
+        if inst.live:
+            counts[0] += 1
+            counts[1] += inst.status == "healthy" and not inst.flapping
+    kept = {k: v for k, v in state.service_counts.items() if v != [0, 0]}
+    assert kept == {k: v for k, v in scanned.items() if v != [0, 0]}
