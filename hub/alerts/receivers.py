@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email.utils
+import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Literal, Protocol
 
 import httpx
@@ -128,34 +130,70 @@ class WebhookSender:
     another try (``Retry-After`` honoured), any other answer is permanent."""
 
     def __init__(
-        self, client: Callable[[], httpx.AsyncClient], *, clock: Callable[[], float] = time.time
+        self,
+        client: Callable[[], httpx.AsyncClient],
+        *,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
         self._client = client
         self._clock = clock
+        self._environ = environ
 
     async def send(self, integration: Integration, due: NotificationDue, body: bytes) -> Delivery:
         if not integration.url:
             return permanent("webhook has no url")
+        # Secrets (a token in the url or a header) are written ${NAME} in the rules, which
+        # the log records; their values come from the environment here, at each send.
+        try:
+            secrets: dict[str, str] = {}
+            url = expand(integration.url, self._environ, secrets)
+            given = {k: expand(v, self._environ, secrets) for k, v in integration.headers.items()}
+        except KeyError as exc:
+            return permanent(f"the environment variable {exc.args[0]} named in the webhook's "
+                             "url or headers is not set")  # fmt: skip
         headers = {
-            **integration.headers,
+            **given,
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
             IDEMPOTENCY_HEADER: due.notification_id,
         }
         timeout = integration.timeout_s
-        request = self._client().stream(
-            "POST", integration.url, content=body, headers=headers, timeout=timeout
-        )
+        request = self._client().stream("POST", url, content=body, headers=headers,
+                                        timeout=timeout)  # fmt: skip
         try:
             # httpx's timeout bounds each step; this bounds the whole request.
             async with asyncio.timeout(timeout), request as response:
                 status = response.status_code
                 retry_after = response.headers.get("Retry-After")
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-            return permanent(f"bad webhook url: {exc}")
+            return permanent(redact(f"bad webhook url: {exc}", secrets))
         except (TimeoutError, httpx.HTTPError, OSError) as exc:
-            return retryable(describe_error(exc, timeout))
+            return retryable(redact(describe_error(exc, timeout), secrets))
         return classify(status, retry_after, now=self._clock())
+
+
+_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand(text: str, environ: Mapping[str, str], secrets: dict[str, str]) -> str:
+    """``text`` with each ``${NAME}`` replaced by ``environ[NAME]`` (KeyError: not set);
+    ``secrets`` collects ``value -> ${NAME}``, to take the values out of error messages."""
+
+    def value(m: re.Match[str]) -> str:
+        found = environ[m.group(1)]
+        if found:
+            secrets[found] = m.group(0)
+        return found
+
+    return _REFERENCE.sub(value, text)
+
+
+def redact(text: str, secrets: Mapping[str, str]) -> str:
+    """``text`` with every secret value put back as the ``${NAME}`` it came from."""
+    for found, reference in secrets.items():
+        text = text.replace(found, reference)
+    return text
 
 
 class EmailSender:

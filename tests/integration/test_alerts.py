@@ -23,7 +23,7 @@ import nats
 import pytest
 import yaml
 
-from events.codec import decode_event
+from events.codec import decode_event, encode_event
 from events.model import AlertFiring, AlertInhibited, AlertResolved, NotificationDue
 from hub.alerts.rules import AlertConfigError
 from hub.app import Hub
@@ -39,7 +39,9 @@ from tests.integration.webhook_sink import WebhookSink, serve_webhook
 PATIENCE = 60.0
 
 
-def alerts_file(path, sink: WebhookSink, *, port: int, deps=None, rules=None, route=None) -> str:
+def alerts_file(
+    path, sink: WebhookSink, *, port: int, deps=None, rules=None, route=None, headers=None
+) -> str:
     """An infrastructure file monitoring one server (``cache``) with an alerts section."""
     path.write_text(yaml.safe_dump({
         "databases": [component("cache", port, "redis_ping", 0.2)],
@@ -51,7 +53,8 @@ def alerts_file(path, sink: WebhookSink, *, port: int, deps=None, rules=None, ro
             "route": route or {"receiver": "ops", "group_by": ["alertname", "component"],
                                "group_wait": "1s", "group_interval": "2s",
                                "repeat_interval": "1h"},
-            "receivers": [{"name": "ops", "webhook_configs": [{"url": sink.url()}],
+            "receivers": [{"name": "ops", "webhook_configs": [{"url": sink.url(),
+                                                               "headers": headers or {}}],
                            "nats_configs": [{}]}],
         },
     }))  # fmt: skip
@@ -101,13 +104,16 @@ async def all_sent(hub) -> bool:
 
 
 async def test_a_stopped_server_is_notified_once_firing_then_once_resolved(
-    tmp_path, start_hub, nc, pg, rds
+    tmp_path, start_hub, nc, pg, rds, monkeypatch
 ):
     heard = Heard()
     await heard.start(nc)
+    # A secret in a header is written as a reference: the log keeps the reference.
+    monkeypatch.setenv("ALERT_HOOK_TOKEN", "s3cret-token-value")
     async with serve_webhook() as sink:
         with RedisServer(tmp_path / "monitored") as monitored:
-            path = alerts_file(tmp_path / "infra.yaml", sink, port=monitored.port)
+            path = alerts_file(tmp_path / "infra.yaml", sink, port=monitored.port,
+                               headers={"Authorization": "Bearer ${ALERT_HOOK_TOKEN}"})  # fmt: skip
             hub = await start_hub(infra_config=path, infra_self=False, infra_failures=2)
             await eventually(lambda: cache_of(hub)
                              == "HEALTHY", timeout=PATIENCE)  # fmt: skip
@@ -139,6 +145,10 @@ async def test_a_stopped_server_is_notified_once_firing_then_once_resolved(
     assert dues and min(d.ts for d in dues) - fired.ts >= 1.0
     assert sink.requests[0].headers["idempotency-key"] == firing["notificationId"]
     assert len(heard.of(AlertResolved)) == 1
+    assert {r.headers["authorization"] for r in sink.requests} == {"Bearer s3cret-token-value"}
+    recorded_bytes = [encode_event(e) for e in await recorded_all(hub)]
+    assert not [b for b in recorded_bytes if b"s3cret-token-value" in b]
+    assert [b for b in recorded_bytes if b"${ALERT_HOOK_TOKEN}" in b]  # (the reference)
     # The alert views: one episode, fired and resolved, and the two notifications sent
     # to each integration; `hub replay` then `hub verify` reproduce them.
     await replay_reproduces_the_views(hub, hub.config, pg, rds)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from handlers.alert_rules import Integration
 from hub.alerts.dispatch import backoff_delay
-from hub.alerts.receivers import classify, parse_retry_after
+from hub.alerts.receivers import classify, expand, parse_retry_after, redact
 
 NOW = 1_750_000_000.0  # Sun, 15 Jun 2025 15:06:40 GMT
 
@@ -51,3 +53,21 @@ def test_backoff_doubles_per_attempt_up_to_the_maximum_with_equal_jitter():
         delays = [backoff_delay(integration, attempt, rng) for _ in range(200)]
         assert all(ceiling / 2 <= d <= ceiling for d in delays), attempt
         assert max(delays) - min(delays) > ceiling / 4  # jittered, not fixed
+
+
+def test_secret_references_are_filled_at_send_time_and_kept_out_of_errors() -> None:
+    """``${NAME}`` in a webhook's url or headers comes from the environment when sending
+    (the rules, recorded in the log, keep the reference); an error message that quotes
+    the url says the reference again, not the value; an unset name is a KeyError."""
+    secrets: dict[str, str] = {}
+    url = expand("https://hooks.example/${HOOK_PATH}?k=${HOOK_KEY}", {"HOOK_PATH": "p/q",
+                 "HOOK_KEY": "k3y"}, secrets)  # fmt: skip
+    assert url == "https://hooks.example/p/q?k=k3y"
+    assert redact(f"cannot connect to {url}", secrets) == (
+        "cannot connect to https://hooks.example/${HOOK_PATH}?k=${HOOK_KEY}"
+    )
+    assert expand("no $HOOK_KEY or {HOOK_KEY} here", {"HOOK_KEY": "x"}, {}) == (
+        "no $HOOK_KEY or {HOOK_KEY} here"
+    )
+    with pytest.raises(KeyError, match="MISSING"):
+        expand("Bearer ${MISSING}", {}, {})
