@@ -52,6 +52,7 @@ import nats
 import yaml
 
 from bench._scratch import scratch_root
+from bench.detection import nearest_rank
 from events.model import AlertFiring, InstanceHealthChanged, NotificationDue, NotificationSent
 from events.vocab import Health
 from hub.app import Hub
@@ -166,11 +167,6 @@ def rules_file(path: Path, url: str, args: argparse.Namespace) -> Path:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:8.1f} ms"
-
-
-def nearest_rank(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 async def bench(args: argparse.Namespace, stack: EmbeddedStack, root: Path) -> int:

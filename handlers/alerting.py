@@ -63,7 +63,6 @@ from handlers.alert_rules import (
 )
 from handlers.alerts import (
     FIRING,
-    PENDING,
     Alert,
     AlertState,
     Group,
@@ -71,6 +70,7 @@ from handlers.alerts import (
     group_of,
     routes_for,
     schedule,
+    told,
 )
 from handlers.registry import GONE, RegistryState, evolve
 
@@ -255,7 +255,7 @@ def alert_pass(state: RegistryState, now: float, recorded: Iterable[Event]) -> l
                 if alert.fingerprint not in seen and alert.fingerprint in alerts.alerts:
                     record(_resolved(alert, now, "the condition no longer holds"))
                     changed = True
-    if changed or recheck_inhibitions or any(e for e in out if isinstance(e, AlertFiring)):
+    if changed or recheck_inhibitions:
         _inhibitions(state, now, record)
     for what, key in due:
         if what == "silence":
@@ -461,11 +461,9 @@ def _flush(state: RegistryState, group: Group, now: float, record: Any) -> None:
     for note in notes:
         record(note)
     if group.key in alerts.groups:
-        group.resolved = {fp: r for fp, r in group.resolved.items() if r["resolved_at"] > now}
+        told(alerts, group, now)
         if any(a.state == FIRING for fp in group.members if (a := alerts.alerts.get(fp))):
             schedule(alerts, group, now + group.repeat_interval_s)
-        elif not group.members and not group.resolved:
-            del alerts.groups[group.key]
 
 
 def _rank(severity: str) -> int:
@@ -577,4 +575,4 @@ def decide_outage(
     return out
 
 
-__all__ = ["PENDING", "alert_pass", "dependents", "next_due", "service_health", "subjects_of"]
+__all__ = ["alert_pass", "dependents", "next_due", "service_health", "subjects_of"]

@@ -312,10 +312,7 @@ def evolve_alert(state: AlertState, event: Event) -> None:
                 group.notified[event.receiver] = (firing, event.ts)
                 group.epoch[event.receiver] = event.epoch
                 group.last_flush = max(group.last_flush, event.ts)
-                group.resolved = {fp: r for fp, r in group.resolved.items()
-                                  if r["resolved_at"] > event.ts}  # fmt: skip
-                if not group.members and not group.resolved:
-                    del state.groups[event.group_key]
+                told(state, group, event.ts)
         case NotificationSent():
             state.outbox.pop(event.notification_id, None)
         case NotificationFailed():
@@ -331,6 +328,14 @@ def evolve_alert(state: AlertState, event: Event) -> None:
             state.dirty.add(("gauges",))
         case _:
             pass
+
+
+def told(state: AlertState, group: Group, at: float) -> None:
+    """The group was notified (or had nothing to say) at ``at``: the resolved alerts up to
+    then are said; a group left with nothing is gone (a new alert starts a new one)."""
+    group.resolved = {fp: r for fp, r in group.resolved.items() if r["resolved_at"] > at}
+    if not group.members and not group.resolved:
+        state.groups.pop(group.key, None)
 
 
 def _regroup(state: AlertState, alert: Alert, now: float) -> None:

@@ -13,6 +13,7 @@ history, not re-decided: only the alerting changes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -142,9 +143,7 @@ def simulate(
 
 
 def _close(episodes: list[Episode], ep: Episode, at: float) -> None:
-    i = episodes.index(ep)
-    episodes[i] = Episode(ep.fingerprint, ep.rule, ep.severity, ep.labels, ep.active_since,
-                          ep.fired_at, at)  # fmt: skip
+    episodes[episodes.index(ep)] = dataclasses.replace(ep, resolved_at=at)
 
 
 def _note_recorded(event: Event, recorded: dict[tuple[str, float], Episode],
@@ -156,7 +155,6 @@ def _note_recorded(event: Event, recorded: dict[tuple[str, float], Episode],
     elif isinstance(event, AlertResolved) and event.fired:
         ep = recorded.get((event.fingerprint, event.active_since))
         if ep is not None:
-            recorded[ep.key()] = Episode(ep.fingerprint, ep.rule, ep.severity, ep.labels,
-                                         ep.active_since, ep.fired_at, event.ts)  # fmt: skip
+            recorded[ep.key()] = dataclasses.replace(ep, resolved_at=event.ts)
     elif isinstance(event, NotificationDue):
         out.recorded_notified.append(event)

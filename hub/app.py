@@ -122,7 +122,7 @@ class Hub:
         """
         c = self.config
         infra = monitored(c)
-        load_alerting(os.environ, Path(c.infra_config) if c.infra_config else None)
+        rules = load_alerting(os.environ, Path(c.infra_config) if c.infra_config else None)
         self.nc = await bootstrap.connect_nats(
             c, "central-hub", max_reconnect_attempts=-1,
             disconnected_cb=self._nats_disconnected, reconnected_cb=self._nats_reconnected,
@@ -160,7 +160,7 @@ class Hub:
                                  progress=self.progress, metrics=self.metrics,
                                  views=[p.name for p in self.projections],
                                  clock=self.clock)  # fmt: skip
-        self.alerting.load()
+        self.alerting.load(rules)
         await self.progress.appended(state.ingress.floor, end)
         self.views = ViewsProcess(c, self.tail, progress=self.progress, metrics=self.metrics)
         await self.views.start()

@@ -145,18 +145,17 @@ class Alerting:
 
     # --- life -----------------------------------------------------------------------------
 
-    def load(self) -> bool:
-        """Read the rules; record them if they differ from the ones in force.
+    def load(self, rules: tuple[AlertingConfig, str] | None = None) -> bool:
+        """Record the rules (``rules``: as ``hub.alerts.rules.load_alerting`` read them at
+        start; None: read them now) if they differ from the ones in force.
 
         Raises:
             AlertConfigError: the file is bad (naming the file, the rule and the key).
         """
-        infra = Path(self._config.infra_config) if self._config.infra_config else None
-        if infra is not None and not self._environ.get(ALERTS_FILE_ENV, "").strip():
-            # The rules come from the infrastructure file: one the monitor refuses (and
-            # keeps the old set of) keeps the rules in force as well.
-            load_infra_config(infra)
-        config, source = load_alerting(self._environ, infra)
+        if rules is None:
+            infra = Path(self._config.infra_config) if self._config.infra_config else None
+            rules = load_alerting(self._environ, infra)
+        config, source = rules
         digest = digest_of(config)
         if digest == self._state.alerts.digest and self._state.alerts.loaded:
             return False
@@ -188,6 +187,11 @@ class Alerting:
     async def reload(self) -> bool:
         """Re-read the rules (SIGHUP); a bad file is logged and the rules in force stay."""
         try:
+            infra = self._config.infra_config
+            if infra and not self._environ.get(ALERTS_FILE_ENV, "").strip():
+                # The rules come from the infrastructure file: one the monitor refuses
+                # (and keeps the old set of) keeps the rules in force as well.
+                load_infra_config(infra)
             return self.load()
         except Exception as exc:
             log.error("alert_rules_reload_failed", error=str(exc))
